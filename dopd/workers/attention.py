@@ -1,0 +1,186 @@
+"""Paged attention backends behind one interface: `prepare(batch)` once per step, `forward` per layer.
+
+The runner orders a step's sequences decodes first (query length 1), then prefills (prompts or
+chunks of them, packed without padding). `forward(layer, q, k, v)` writes the new keys and values
+into the pool and attends over each sequence's whole KV through its block table.
+
+- `torch`: runs everywhere; the reference the other backend is checked against.
+- `flashinfer`: CUDA only; `BatchDecodeWithPagedKVCacheWrapper` for the decodes and
+  `BatchPrefillWithPagedKVCacheWrapper` for the prefills, each planned once per step and reused by
+  every layer. Imported lazily, so the control plane never needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dopd.kv.pool import KVPool
+
+BACKENDS = ("torch", "flashinfer")
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """The sequences of one step, in packed order, decodes first."""
+
+    q_lens: list[int]
+    kv_lens: list[int]  # KV length after this step: cached + new tokens
+    block_tables: list[list[int]]
+    slot_mapping: torch.Tensor  # [num_tokens] flat slot = block_id * block_size + offset
+    num_decodes: int
+
+
+class TorchAttention:
+    """Attention in plain torch over the block-major pool.
+
+    Reads and writes go through one contiguous 2-D view of the whole pool, `[rows, kv_heads * head_dim]`
+    with a row per (block, layer, k|v, slot), and precomputed row indices: advanced indexing on the
+    strided per-layer view would make torch copy the layer's whole cache on every call.
+    """
+
+    def __init__(self, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.pool = pool
+        self.scale = head_dim**-0.5
+        self.gqa = num_heads != num_kv_heads
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.rows = pool.tensor.view(-1, num_kv_heads * head_dim)
+        self.num_layers = pool.tensor.shape[1]
+
+    def _rows(self, block_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Row of (block, slot offset) for layer 0's keys; layer l, k|v t adds `(2 l + t) * block_size`."""
+        return block_ids * (self.num_layers * 2 * self.pool.block_size) + offsets
+
+    def prepare(self, batch: AttentionBatch) -> None:
+        device = self.pool.tensor.device
+        bs = self.pool.block_size
+        slots = batch.slot_mapping
+        self.write_rows = self._rows(torch.div(slots, bs, rounding_mode="floor"), slots % bs)
+        n = self.num_decodes = batch.num_decodes
+        if n:
+            width = max(len(t) for t in batch.block_tables[:n])
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables[:n]], device=device)
+            offsets = torch.arange(bs, device=device)
+            self.decode_rows = self._rows(tables[:, :, None], offsets).flatten()  # [n * width * bs]
+            self.decode_width = width * bs
+            kv_lens = torch.tensor(batch.kv_lens[:n], device=device)
+            positions = torch.arange(width * bs, device=device)
+            self.decode_mask = (positions[None, :] < kv_lens[:, None])[:, None, None, :]
+        # Prefills: (first query row, query length, rows of its cached KV or None, mask or None).
+        self.prefills = []
+        start = n
+        for q_len, kv_len, table in zip(batch.q_lens[n:], batch.kv_lens[n:], batch.block_tables[n:]):
+            rows = mask = None
+            if kv_len != q_len:  # a chunk on top of cached tokens: read them back, bottom-right causal mask
+                positions = torch.arange(kv_len, device=device)
+                blocks = torch.tensor(table, device=device)[torch.div(positions, bs, rounding_mode="floor")]
+                rows = self._rows(blocks, positions % bs)
+                query_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+                mask = positions[None, :] <= query_pos
+            self.prefills.append((start, q_len, rows, mask))
+            start += q_len
+
+    def _layer_rows(self, rows: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k_rows = rows + 2 * layer * self.pool.block_size
+        return k_rows, k_rows + self.pool.block_size
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_rows, v_rows = self._layer_rows(self.write_rows, layer)
+        self.rows.index_copy_(0, k_rows, k.reshape(k.shape[0], -1))
+        self.rows.index_copy_(0, v_rows, v.reshape(v.shape[0], -1))
+        out = torch.empty_like(q)
+        n = self.num_decodes
+        shape = (self.num_kv_heads, self.head_dim)
+        if n:
+            k_rows, v_rows = self._layer_rows(self.decode_rows, layer)
+            keys = self.rows.index_select(0, k_rows).view(n, self.decode_width, *shape).transpose(1, 2)
+            values = self.rows.index_select(0, v_rows).view(n, self.decode_width, *shape).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:n].unsqueeze(2), keys, values, attn_mask=self.decode_mask, scale=self.scale, enable_gqa=self.gqa
+            )
+            out[:n] = o.squeeze(2)
+        for start, q_len, rows, mask in self.prefills:
+            span = slice(start, start + q_len)
+            if rows is None:  # a whole prompt: its keys are the ones just computed
+                keys, values = k[span], v[span]
+            else:
+                k_rows, v_rows = self._layer_rows(rows, layer)
+                keys = self.rows.index_select(0, k_rows).view(-1, *shape)
+                values = self.rows.index_select(0, v_rows).view(-1, *shape)
+            o = F.scaled_dot_product_attention(
+                q[span].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+                values.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,
+                scale=self.scale, enable_gqa=self.gqa,
+            )
+            out[span] = o.squeeze(0).transpose(0, 1)
+        return out
+
+
+class FlashInferAttention:
+    WORKSPACE_BYTES = 128 * 1024 * 1024
+
+    def __init__(self, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        import flashinfer  # CUDA only; imported here so that nothing else needs it
+
+        self.pool = pool
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        device = pool.tensor.device
+        # Separate workspaces: both wrappers are planned before either runs.
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            torch.empty(self.WORKSPACE_BYTES, dtype=torch.uint8, device=device), "NHD",
+            use_tensor_cores=num_heads // num_kv_heads >= 4,
+        )
+        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            torch.empty(self.WORKSPACE_BYTES, dtype=torch.uint8, device=device), "NHD"
+        )
+
+    def prepare(self, batch: AttentionBatch) -> None:
+        device = self.pool.tensor.device
+        bs = self.pool.block_size
+        self.slot_blocks = torch.div(batch.slot_mapping, bs, rounding_mode="floor")
+        self.slot_offsets = batch.slot_mapping % bs
+        n = self.num_decodes = batch.num_decodes
+        self.num_prefill_rows = sum(batch.q_lens[n:])
+        dtype = self.pool.tensor.dtype
+        common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                      page_size=bs, q_data_type=dtype, kv_data_type=dtype)
+        if n:
+            indptr, indices, last = _page_table(batch.block_tables[:n], batch.kv_lens[:n], bs, device)
+            self.decode_wrapper.plan(indptr, indices, last, **common)
+        if len(batch.q_lens) > n:
+            indptr, indices, last = _page_table(batch.block_tables[n:], batch.kv_lens[n:], bs, device)
+            qo_indptr = torch.tensor([0] + batch.q_lens[n:], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            self.prefill_wrapper.plan(qo_indptr.to(device), indptr, indices, last, causal=True, **common)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.pool.layer(layer)
+        k_cache[self.slot_blocks, self.slot_offsets] = k
+        v_cache[self.slot_blocks, self.slot_offsets] = v
+        out = torch.empty_like(q)
+        n = self.num_decodes
+        if n:
+            out[:n] = self.decode_wrapper.run(q[:n], (k_cache, v_cache))
+        if self.num_prefill_rows:
+            out[n:] = self.prefill_wrapper.run(q[n:], (k_cache, v_cache))
+        return out
+
+
+def _page_table(tables: list[list[int]], kv_lens: list[int], block_size: int, device) -> tuple[torch.Tensor, ...]:
+    """FlashInfer's CSR page table: indptr, page indices, and the filled length of each last page."""
+    pages = [t[: -(-kv // block_size)] for t, kv in zip(tables, kv_lens)]
+    indptr = torch.tensor([0] + [len(p) for p in pages], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    indices = torch.tensor([b for p in pages for b in p], dtype=torch.int32)
+    last = torch.tensor([kv - (len(p) - 1) * block_size for p, kv in zip(pages, kv_lens)], dtype=torch.int32)
+    return indptr.to(device), indices.to(device), last.to(device)
+
+
+def make_attention(name: str, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int):
+    if name == "torch":
+        return TorchAttention(pool, num_heads, num_kv_heads, head_dim)
+    if name == "flashinfer":
+        if not pool.tensor.is_cuda:
+            raise ValueError("the flashinfer attention backend needs a CUDA device; use --engine torch on CPU")
+        return FlashInferAttention(pool, num_heads, num_kv_heads, head_dim)
+    raise ValueError(f"unknown attention backend {name!r}; choose one of: {', '.join(BACKENDS)}")
