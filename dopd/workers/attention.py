@@ -87,6 +87,8 @@ class TorchAttention:
         return k_rows, k_rows + self.pool.block_size
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        model_dtype = q.dtype  # on CPU the pool (and attention) stay float32 under half-precision weights
+        q, k, v = (x.to(self.rows.dtype) for x in (q, k, v))
         k_rows, v_rows = self._layer_rows(self.write_rows, layer)
         self.rows.index_copy_(0, k_rows, k.reshape(k.shape[0], -1))
         self.rows.index_copy_(0, v_rows, v.reshape(v.shape[0], -1))
@@ -115,7 +117,7 @@ class TorchAttention:
                 scale=self.scale, enable_gqa=self.gqa,
             )
             out[span] = o.squeeze(0).transpose(0, 1)
-        return out
+        return out.to(model_dtype)
 
 
 class FlashInferAttention:
