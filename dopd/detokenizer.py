@@ -1,7 +1,8 @@
 """Incremental detokenization with stop strings, exact by construction.
 
 The streamed pieces concatenate to `tokenizer.decode(generated_ids)`: a token that ends inside a
-multi-byte character yields nothing until the character is complete. Fast tokenizers use the
+multi-byte character yields nothing until the character is complete, and `flush()` at the end takes
+whatever an unfinished character decodes to. Fast tokenizers use the
 `tokenizers` library's own `DecodeStream`; any other tokenizer decodes a short window of ids and
 emits what grew (the prefix/read-offset method of vLLM and TGI).
 
@@ -20,6 +21,8 @@ class IncrementalDetokenizer:
         self.text = ""
         self.num_emitted = 0  # characters of `text` already handed out
         self.stop_reason: str | None = None
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.token_ids: list[int] = []
         backend = getattr(tokenizer, "_tokenizer", None)
         if backend is not None:
             from tokenizers.decoders import DecodeStream
@@ -31,6 +34,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> bool:
         """Append a token; True if a stop string now ends the text (the text is cut before it)."""
+        self.token_ids.append(token_id)
         piece = self._step(token_id)
         if not piece:
             return False
@@ -43,6 +47,14 @@ class IncrementalDetokenizer:
                 self.stop_reason = stop
                 return True
         return False
+
+    def flush(self) -> None:
+        """At the end: an output that stops inside a multi-byte character still decodes to something
+        (a replacement character); take that tail so the text equals decoding all ids at once."""
+        if self.stop_reason is None:
+            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special_tokens)
+            if full.startswith(self.text):
+                self.text = full
 
     def delta(self, finished: bool) -> str:
         """The text not yet handed out, minus what could still turn out to start a stop string."""

@@ -60,7 +60,7 @@ class EngineCore:
             return
         seq.num_computed_tokens = num_cached
         self.scheduler.add_running(seq, block_ids)
-        self._adopted.append(Adopted(msg.request_id, True))
+        self._adopted.append(Adopted(msg.request_id, True, block_ids=block_ids))
 
     def release(self, msg: ReleaseRequest) -> None:
         self.scheduler.release(msg.request_id)

@@ -111,6 +111,7 @@ class Adopted(msgspec.Struct, array_like=True):
     request_id: str
     ok: bool
     error: str = ""
+    block_ids: list[int] = []  # where the KV landed (for observability and tests)
 
 
 class WorkerStats(msgspec.Struct, array_like=True):

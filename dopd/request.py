@@ -73,6 +73,7 @@ class Request:
         if self.detok.add(out.token_id):
             self.finish("stop", self.detok.stop_reason, now)
         elif out.finish_reason is not None:
+            self.detok.flush()
             stop = out.token_id if out.finish_reason == "stop" else None
             self.finish(out.finish_reason, stop, now)
         return self.finished

@@ -26,6 +26,8 @@ def stream(tokenizer, ids, **kwargs) -> tuple[str, IncrementalDetokenizer]:
         pieces.append(d.delta(finished=stopped))
         if stopped:
             break
+    if not d.stop_reason:
+        d.flush()
     pieces.append(d.delta(finished=True))
     return "".join(pieces), d
 
@@ -44,6 +46,13 @@ def test_random_ids_stream_exactly(tokenizer, seed):
     ids = [rng.randrange(len(tokenizer)) for _ in range(300)]
     text, _ = stream(tokenizer, ids)
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_output_ending_inside_a_character(tokenizer):
+    ids = tokenizer.encode("ok 🎉")
+    cut = next(i for i in range(len(ids), 0, -1) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+    text, _ = stream(tokenizer, ids[:cut])
+    assert text == tokenizer.decode(ids[:cut])
 
 
 def test_window_decoder_for_tokenizers_without_a_rust_backend(tokenizer):

@@ -1,0 +1,456 @@
+"""The controller: the event loop that owns the workers, places requests, runs KV handoffs and role
+moves, and feeds every token back to its request.
+
+Where a request's KV is, at every moment (`RequestState`):
+- `worker`: the worker whose pool holds its sequence (running, waiting or parked there);
+- `adopt_to`: a decode worker pulling that KV right now (a handoff or a migration in flight).
+The source's blocks are released only when the puller answers `Adopted` (whatever the outcome) or
+dies, so a block is never reused while a copy from it may still be running. The lease
+(`handoff_timeout`) bounds how long the *client* waits: past it the request ends with an error
+and the puller is told to drop it; the blocks come back as soon as the puller answers.
+
+Routing decisions come from `dopd.policy.routing`, role decisions from the policy (`dopd.policy`);
+this file only applies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from dopd.kv.blocks import blocks_needed
+from dopd.messages import (
+    AbortRequest, AddRequest, Adopted, AdoptRequest, ExportRequest, Parked, Ping, Pong, ReleaseRequest, Role,
+    Shutdown, StepResult, WorkerError,
+)
+from dopd.metrics import RequestRecord
+from dopd.moves import RoleMove
+from dopd.policy import routing
+from dopd.request import Request, RequestStatus
+from dopd.telemetry import Telemetry
+from dopd.workers.handle import WorkerHandle, WorkerState
+
+log = logging.getLogger("dopd.controller")
+
+HOUSEKEEPING_INTERVAL = 0.05
+PING_INTERVAL = 1.0
+
+
+class Overloaded(Exception):
+    """Admission is full: the API answers 429."""
+
+
+@dataclass(slots=True, eq=False)
+class RequestState:
+    request: Request
+    deadline: float
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    worker: int | None = None  # whose pool holds the sequence
+    parked: Parked | None = None  # set while its KV waits in `worker`'s pool for a decode worker
+    adopt_to: int | None = None
+    lease_deadline: float = 0.0
+    parked_at: float = 0.0
+    source_lost: bool = False  # the worker holding the KV died while a pull from it was in flight
+    on_decode: bool = False  # `worker` decodes it (not a prefill-only placement)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+class Controller:
+    def __init__(self, workers: list[WorkerHandle], tokenizer, max_model_len: int, telemetry: Telemetry,
+                 request_timeout: float, handoff_timeout: float, max_num_requests: int, policy=None) -> None:
+        self.workers = {w.id: w for w in workers}
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.telemetry = telemetry
+        self.request_timeout = request_timeout
+        self.handoff_timeout = handoff_timeout
+        self.max_num_requests = max_num_requests
+        self.policy = policy
+        self.requests: dict[str, RequestState] = {}
+        self.unplaced: deque[RequestState] = deque()  # no worker could take them yet
+        self.handoffs: deque[RequestState] = deque()  # parked, waiting for decode capacity
+        self.pending_prefill_tokens: dict[int, int] = {w.id: 0 for w in workers}
+        self.moves: dict[int, RoleMove] = {}
+        self.move_log: deque[dict] = deque(maxlen=200)
+        self._ids = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        self.started_at = time.monotonic()
+        self.closing = False
+
+    # ---- life cycle -----------------------------------------------------------------------------
+
+    async def start(self, startup_timeout: float = 600.0) -> None:
+        for w in self.workers.values():
+            w.spawn()
+        await asyncio.gather(*(w.wait_ready(startup_timeout) for w in self.workers.values()))
+        for w in self.workers.values():
+            for peer in self.workers.values():
+                if peer is not w:
+                    w.share_pool_with(peer)
+            w.attach(self._on_message, self._on_exit)
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="dopd-housekeeping"))
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking requests, give in-flight ones `grace` seconds, then end them and every worker."""
+        self.closing = True
+        deadline = time.monotonic() + grace
+        while self.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for st in list(self.requests.values()):
+            self.abort(st.request_id, "server shutting down")
+        for task in self._tasks:
+            task.cancel()
+        for w in self.workers.values():
+            w.detach()
+            w.send(Shutdown())
+        for w in self.workers.values():
+            await asyncio.get_running_loop().run_in_executor(None, w.join, 5.0)
+            w.state = WorkerState.DEAD
+
+    # ---- requests in ----------------------------------------------------------------------------
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    def submit(self, request: Request) -> RequestState:
+        if self.closing:
+            raise Overloaded("server is shutting down")
+        if len(self.requests) >= self.max_num_requests:
+            raise Overloaded(f"{len(self.requests)} requests in flight (limit {self.max_num_requests})")
+        st = RequestState(request, deadline=request.arrival_time + self.request_timeout)
+        self.requests[request.request_id] = st
+        self._place(st)
+        return st
+
+    def abort(self, request_id: str, reason: str) -> None:
+        """End a request wherever it is (client gone, timeout, error); its blocks come back."""
+        st = self.requests.get(request_id)
+        if st is None:
+            return
+        self._end(st, "abort", error=reason)
+
+    # ---- placement ------------------------------------------------------------------------------
+
+    def views(self) -> list[routing.WorkerView]:
+        return [self._view(w) for w in self.workers.values()]
+
+    def _view(self, w: WorkerHandle) -> routing.WorkerView:
+        move = self.moves.get(w.id)
+        s = w.stats
+        return routing.WorkerView(
+            id=w.id, role=move.target if move else w.role, alive=w.state != WorkerState.DEAD and
+            w.state != WorkerState.STARTING, moving=move is not None, num_running=s.num_running,
+            num_waiting=s.num_waiting, num_parked=s.num_parked, kv_blocks_free=w.kv_blocks_available,
+            kv_blocks_total=s.kv_blocks_total, pending_prefill_tokens=self.pending_prefill_tokens[w.id],
+        )
+
+    def _place(self, st: RequestState) -> None:
+        """Send a request that has no token yet to a worker that will prefill it."""
+        views = self.views()
+        disaggregated = any(v.role == Role.PREFILL for v in views if v.alive)
+        target = routing.pick_prefill_worker(views) if disaggregated else routing.pick_mixed_worker(views)
+        if target is None:
+            self.unplaced.append(st)
+            return
+        w = self.workers[target]
+        hand_off = w.role == Role.PREFILL or (target in self.moves and self.moves[target].target == Role.PREFILL)
+        req = st.request
+        if not w.send(AddRequest(req.request_id, req.prompt_token_ids, req.params, req.max_tokens, hand_off)):
+            self.unplaced.append(st)
+            return
+        st.worker, st.on_decode = target, not hand_off
+        req.status = RequestStatus.PREFILLING
+        self.pending_prefill_tokens[target] += req.num_prompt_tokens
+
+    def _retry_unplaced(self) -> None:
+        for _ in range(len(self.unplaced)):
+            st = self.unplaced.popleft()
+            if not st.request.finished:
+                self._place(st)
+                if st.worker is None:
+                    return  # still no room: keep the rest in order
+
+    # ---- worker messages ------------------------------------------------------------------------
+
+    def _on_message(self, w: WorkerHandle, msg) -> None:
+        w.last_heard = time.monotonic()
+        if isinstance(msg, StepResult):
+            w.stats = msg.stats
+            # In the order they happened: adoptions were done before the step, parking at its end.
+            for adopted in msg.adopted:
+                self._on_adopted(w, adopted)
+            for out in msg.outputs:
+                self._on_token(w, out)
+            for parked in msg.parked:
+                self._on_parked(w, parked)
+            self._drain_handoffs()
+            self._progress_moves()
+        elif isinstance(msg, Pong):
+            w.stats = msg.stats
+        elif isinstance(msg, WorkerError):
+            log.error("worker %d failed: %s", w.id, msg.message)
+            w.kill()
+
+    def _on_token(self, w: WorkerHandle, out) -> None:
+        st = self.requests.get(out.request_id)
+        if st is None or st.request.finished or st.worker != w.id:
+            return  # aborted meanwhile, or a stale output of a migrated sequence
+        req = st.request
+        if req.num_output_tokens == 0:
+            self.pending_prefill_tokens[w.id] -= req.num_prompt_tokens
+            if st.on_decode:
+                req.status = RequestStatus.DECODING
+        if req.add_token(out):
+            if out.finish_reason is None:  # ended by a stop string: the worker does not know yet
+                w.send(AbortRequest(req.request_id))
+                st.worker = None
+            elif st.parked is None:
+                st.worker = None  # the worker freed it when it finished
+            self._finished(st)
+        st.wakeup.set()
+
+    def _on_parked(self, w: WorkerHandle, parked: Parked) -> None:
+        st = self.requests.get(parked.request_id)
+        if st is None or st.worker != w.id or st.request.finished:
+            w.send(ReleaseRequest(parked.request_id))
+            if st is not None and st.worker == w.id:
+                st.worker = None
+                self._forget(st)
+            return
+        st.parked, st.parked_at = parked, time.monotonic()
+        st.request.status = RequestStatus.HANDOFF
+        self.handoffs.append(st)
+
+    def _drain_handoffs(self) -> None:
+        """Hand parked requests to decode workers with room, oldest first."""
+        while self.handoffs:
+            st = self.handoffs[0]
+            if st.request.finished or st.parked is None:
+                self.handoffs.popleft()
+                continue
+            need = blocks_needed(len(st.parked.token_ids), self._block_size())
+            target = routing.pick_decode_worker([v for v in self.views() if v.id != st.worker], need)
+            if target is None:
+                return  # decode is full: the KV waits on the prefill worker (backpressure)
+            self.handoffs.popleft()
+            d = self.workers[target]
+            req, p = st.request, st.parked
+            msg = AdoptRequest(req.request_id, p.token_ids, req.num_prompt_tokens, req.params, req.max_tokens,
+                               st.worker, p.block_ids)
+            if d.send(msg):
+                d.reserved_blocks += need
+                st.adopt_to, st.lease_deadline = target, time.monotonic() + self.handoff_timeout
+            else:
+                self.handoffs.appendleft(st)
+                return
+
+    def _on_adopted(self, d: WorkerHandle, adopted: Adopted) -> None:
+        st = self.requests.get(adopted.request_id)
+        if st is None or st.adopt_to != d.id:
+            return
+        need = blocks_needed(len(st.parked.token_ids), self._block_size())
+        d.reserved_blocks -= need
+        st.adopt_to = None
+        if not adopted.ok and not st.request.finished and not st.source_lost and adopted.error == "no free KV blocks":
+            self.handoffs.appendleft(st)  # the decode worker filled up meanwhile: try again
+            return
+        src = self.workers.get(st.worker)
+        if src is not None and src.alive:
+            src.send(ReleaseRequest(st.request_id))
+        self.telemetry.handoff_seconds.observe(time.monotonic() - st.parked_at)
+        st.parked, st.worker = None, None
+        if st.request.finished or st.source_lost or not adopted.ok:
+            if adopted.ok:
+                d.send(AbortRequest(st.request_id))
+            reason = adopted.error or "the worker holding the KV was lost"
+            self._end(st, "abort", error=f"KV handoff failed: {reason}")
+            return
+        st.worker, st.on_decode = d.id, True
+        st.request.status = RequestStatus.DECODING
+
+    def _on_exit(self, w: WorkerHandle) -> None:
+        if w.state == WorkerState.DEAD:
+            return
+        w.state = WorkerState.DEAD
+        if not self.closing:
+            log.error("worker %d (pid %s) exited with code %s", w.id, w.pid, w.process.exitcode)
+        self.moves.pop(w.id, None)
+        self.pending_prefill_tokens[w.id] = 0
+        for st in list(self.requests.values()):
+            if st.adopt_to == w.id:  # the puller died: the source may free its copy now
+                st.adopt_to = None
+                self._end(st, "abort", error=f"decode worker {w.id} was lost during the KV handoff")
+            elif st.worker == w.id:
+                st.worker, st.parked = None, None
+                if st.adopt_to is not None:
+                    st.source_lost = True  # settled when the puller answers
+                elif st.request.num_output_tokens == 0 and not st.request.finished:
+                    self._place(st)  # nothing was streamed yet: run it elsewhere
+                else:
+                    self._end(st, "abort", error=f"worker {w.id} was lost")
+
+    # ---- endings --------------------------------------------------------------------------------
+
+    def _end(self, st: RequestState, reason: str, error: str | None = None) -> None:
+        if not st.request.finished:
+            st.request.finish(reason, error=error)
+            self._finished(st)
+            st.wakeup.set()
+        if st.adopt_to is not None:
+            self.workers[st.adopt_to].send(AbortRequest(st.request_id))  # it answers Adopted; then we release
+        elif st.worker is not None:
+            w = self.workers[st.worker]
+            if w.alive:
+                w.send(AbortRequest(st.request_id))
+            if st.request.num_output_tokens == 0:
+                self.pending_prefill_tokens[w.id] = max(0, self.pending_prefill_tokens[w.id]
+                                                        - st.request.num_prompt_tokens)
+            st.worker, st.parked = None, None
+        self._forget(st)
+
+    def _finished(self, st: RequestState) -> None:
+        req = st.request
+        end = req.finished_time or time.monotonic()
+        ok = req.error is None
+        ttft = req.first_token_time - req.arrival_time if req.first_token_time else None
+        e2el = (req.last_token_time or end) - req.arrival_time if ok else None
+        self.telemetry.record(end, RequestRecord(
+            request_id=req.request_id, arrival_time=req.arrival_time - self.started_at,
+            input_len=req.num_prompt_tokens, output_len=req.num_output_tokens, ttft=ttft if ok else None,
+            itl=[], e2el=e2el, success=ok, error=req.error or ""))
+        self._forget(st)
+
+    def _forget(self, st: RequestState) -> None:
+        """Drop the state once the request is over and no worker holds or copies its KV."""
+        if st.request.finished and st.worker is None and st.adopt_to is None:
+            self.requests.pop(st.request_id, None)
+
+    # ---- role moves -----------------------------------------------------------------------------
+
+    def set_roles(self, roles: dict[int, Role], reason: str) -> list[dict]:
+        """Move workers to new roles in place: stop giving them work of the old role, finish or
+        migrate that work, flip. Raises ValueError if the result could not serve requests."""
+        for wid in roles:
+            if wid not in self.workers or not self.workers[wid].alive:
+                raise ValueError(f"no live worker {wid}; workers: {sorted(self.workers)}")
+        final = {wid: roles.get(wid, self.moves[wid].target if wid in self.moves else w.role)
+                 for wid, w in self.workers.items() if w.alive}
+        if not any(r in (Role.PREFILL, Role.MIXED) for r in final.values()):
+            raise ValueError("at least one worker must be able to prefill (prefill or mixed)")
+        if not any(r in (Role.DECODE, Role.MIXED) for r in final.values()):
+            raise ValueError("at least one worker must be able to decode (decode or mixed)")
+        started = []
+        for wid, role in roles.items():
+            w = self.workers[wid]
+            current = self.moves[wid].target if wid in self.moves else w.role
+            if role == current:
+                continue
+            move = RoleMove(w.id, w.role, role, reason, time.monotonic())
+            self.moves[wid] = move
+            w.state = WorkerState.DRAINING
+            started.append(move.describe())
+            log.info("worker %d: %s -> %s (%s)", wid, w.role.name.lower(), role.name.lower(), reason)
+        self._progress_moves()
+        self._retry_unplaced()
+        return started
+
+    def _progress_moves(self) -> None:
+        for wid, move in list(self.moves.items()):
+            w = self.workers[wid]
+            mine = [st for st in self.requests.values() if st.worker == wid or st.adopt_to == wid]
+            if move.needs_migration:
+                for st in mine:
+                    if st.on_decode and st.worker == wid and st.parked is None and st not in move.exported \
+                            and st.request.num_output_tokens > 0 and st.adopt_to is None:
+                        w.send(ExportRequest(st.request_id))
+                        st.on_decode = False  # its tokens now come after an adoption elsewhere
+                        move.exported.add(st)
+            old_work = [st for st in mine
+                        if move.blocks_flip(st.on_decode or st.adopt_to == wid, st in move.exported)]
+            if not old_work:
+                del self.moves[wid]
+                w.role, w.state = move.target, WorkerState.SERVING
+                record = move.finish(time.monotonic())
+                self.move_log.append(record)
+                self.telemetry.role_changes.labels(move.source.name.lower(), move.target.name.lower()).inc()
+                log.info("worker %d now %s after %.1f ms (%d requests moved)", wid, move.target.name.lower(),
+                         record["duration_ms"], record["num_migrated"])
+
+    # ---- housekeeping ---------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        last_ping = 0.0
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                now = time.monotonic()
+                for st in list(self.requests.values()):
+                    if st.request.finished:
+                        continue
+                    if st.adopt_to is not None and now > st.lease_deadline:
+                        self._end(st, "abort", error=f"KV handoff timed out after {self.handoff_timeout:.0f} s")
+                    elif now > st.deadline:
+                        self._end(st, "abort", error=f"request timed out after {self.request_timeout:.0f} s")
+                self._retry_unplaced()
+                self._drain_handoffs()
+                self._progress_moves()
+                if now - last_ping >= PING_INTERVAL:
+                    last_ping = now
+                    for w in self.workers.values():
+                        w.send(Ping(now))
+                if self.policy is not None:
+                    self.policy.tick(self, now)
+            except Exception:  # one bad tick must not stop the housekeeping for good
+                log.exception("housekeeping failed")
+
+    def _block_size(self) -> int:
+        return next(iter(self.workers.values())).block_size
+
+    # ---- views ----------------------------------------------------------------------------------
+
+    def update_gauges(self) -> None:
+        t = self.telemetry
+        m = t._model
+        live = [w for w in self.workers.values() if w.alive]
+        t.running.labels(m).set(sum(w.stats.num_running for w in live))
+        t.waiting.labels(m).set(sum(w.stats.num_waiting for w in live) + len(self.unplaced) + len(self.handoffs))
+        total = sum(w.stats.kv_blocks_total for w in live)
+        t.kv_usage.labels(m).set(1 - sum(w.stats.kv_blocks_free for w in live) / total if total else 0.0)
+        for w in self.workers.values():
+            labels = (str(w.id), w.role.name.lower())
+            t.worker_running.labels(*labels).set(w.stats.num_running)
+            t.worker_waiting.labels(*labels).set(w.stats.num_waiting)
+            usage = 1 - w.stats.kv_blocks_free / w.stats.kv_blocks_total if w.stats.kv_blocks_total else 0.0
+            t.worker_kv_usage.labels(*labels).set(usage)
+
+    def snapshot(self) -> dict:
+        now = time.monotonic()
+        workers = []
+        for w in self.workers.values():
+            s = w.stats
+            move = self.moves.get(w.id)
+            workers.append({
+                "id": w.id, "pid": w.pid, "role": w.role.name.lower(),
+                "target_role": move.target.name.lower() if move else None,
+                "state": w.state.name.lower(), "num_running": s.num_running, "num_waiting": s.num_waiting,
+                "num_parked": s.num_parked, "kv_blocks_total": s.kv_blocks_total, "kv_blocks_free": s.kv_blocks_free,
+                "step_time": s.step_time, "step_tokens": s.step_tokens,
+                "pending_prefill_tokens": self.pending_prefill_tokens[w.id],
+            })
+        queues = {"unplaced": len(self.unplaced), "handoff": len(self.handoffs)}
+        for role in Role:
+            name = role.name.lower()
+            queues[name] = sum(x["num_waiting"] for x in workers if x["role"] == name)
+        return {
+            "time": now - self.started_at, "num_requests": len(self.requests), "workers": workers, "queues": queues,
+            "latency": self.telemetry.summary(now, now - self.started_at), "role_changes": list(self.move_log),
+            "moves_in_progress": [m.describe() for m in self.moves.values()],
+            "policy": self.policy.describe() if self.policy is not None else None,
+        }

@@ -1,0 +1,1 @@
+"""Pure control-plane decisions: forecasting, P/D ratio, routing."""

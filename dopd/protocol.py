@@ -1,0 +1,81 @@
+"""The OpenAI-compatible request bodies, as msgspec structs (vLLM's extra fields included).
+
+Decoding a body into these structs *is* the type validation: a wrong type gets msgspec's message,
+which names the offending field (`Expected int, got str - at $.max_tokens`).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=False):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+
+
+class CompletionBody(_Sampling, kw_only=True):
+    # str, list[str], list[int] or list[list[int]]: msgspec allows one list type per union, so the
+    # shape is checked after decoding (api.py).
+    prompt: str | list[str | int | list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=False):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatBody(_Sampling, kw_only=True):
+    messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+
+
+class RolesBody(msgspec.Struct):
+    roles: dict[str, str]
+    reason: str = "manual"
+
+
+def message_text(message: ChatMessage) -> str:
+    """A message's text: the string itself, or its text parts joined (other part types are refused)."""
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise ValueError(f"message content of type {part.type!r} is not supported; only text")
+        texts.append(part.text)
+    return "".join(texts)

@@ -1,0 +1,153 @@
+"""`python dopd.py`: resolve the configuration, start the workers and the controller, serve HTTP.
+
+Shutdown (SIGINT/SIGTERM): stop accepting connections, give in-flight requests a grace period,
+end the rest with an explicit error, stop every worker; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from dopd.api import Api
+from dopd.config import DopdConfig
+from dopd.controller import Controller
+from dopd.embedded import resolve_model
+from dopd.messages import Role
+from dopd.metrics import SLO
+from dopd.telemetry import Telemetry
+
+log = logging.getLogger("dopd")
+
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What the configuration resolves to on this machine."""
+
+    device: str
+    engine: str
+    model_dir: str
+    arch: object  # ModelArch
+    model_name: str
+    tokenizer: object
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    max_num_batched_tokens: int
+    slo: SLO
+    roles: list[Role]
+
+
+def resolve(cfg: DopdConfig) -> Setup:
+    from dopd.workers import loader
+
+    device = loader.resolve_device(cfg.cluster.device)
+    engine = cfg.cluster.engine
+    if engine == "auto":
+        engine = loader.default_attention(device)
+    if engine == "flashinfer" and device.type != "cuda":
+        raise ValueError("--engine flashinfer needs a CUDA device; this one has none (use --engine torch)")
+    model_dir = resolve_model(cfg.model.model)
+    tokenizer = loader.load_tokenizer(model_dir)
+    arch = loader.load_arch(model_dir)
+    max_len = loader.max_model_len(arch, cfg.model.max_model_len)
+    budget = cfg.scheduler.max_num_batched_tokens or loader.default_max_batched_tokens(device)
+    cpu_engine = engine == "torch" and device.type == "cpu"
+    slo = SLO(cfg.server.slo_ttft or (2.0 if cpu_engine else 1.5), cfg.server.slo_tpot or (0.2 if cpu_engine else 0.05))
+    return Setup(str(device), engine, str(model_dir), arch, cfg.model.served_model_name or cfg.model.model, tokenizer,
+                 max_len, loader.eos_token_ids(model_dir, tokenizer), budget, slo, initial_roles(cfg))
+
+
+def initial_roles(cfg: DopdConfig) -> list[Role]:
+    n, mode = cfg.cluster.gpus, cfg.cluster.mode
+    if mode == "colocated" or n == 1:
+        if mode != "colocated":
+            log.warning("one worker cannot be split into prefill and decode: serving colocated")
+        return [Role.MIXED] * n
+    num_prefill, num_decode = cfg.cluster.split()
+    return [Role.PREFILL] * num_prefill + [Role.DECODE] * num_decode
+
+
+def worker_specs(cfg: DopdConfig, setup: Setup) -> list:
+    from dopd.workers.runner import RunnerSpec
+    from dopd.workers.worker import WorkerSpec
+
+    n = cfg.cluster.gpus
+    specs = []
+    threads = max(1, (os.cpu_count() or 1) // n)
+    for i in range(n):
+        device = f"cuda:{i % _num_cuda()}" if setup.device.startswith("cuda") else "cpu"
+        mock = None
+        runner = None
+        if setup.engine == "mock":
+            from dopd.workers.mock import mock_spec
+
+            mock = mock_spec(cfg, setup)
+        else:
+            runner = RunnerSpec(setup.model_dir, device, cfg.model.dtype, setup.engine, setup.max_model_len,
+                                cfg.cache.block_size, cfg.cache.num_kv_blocks, cfg.cache.kv_cache_gb, threads,
+                                setup.arch)
+        specs.append(WorkerSpec(i, runner, mock, cfg.scheduler.max_num_seqs, setup.max_num_batched_tokens,
+                                setup.eos_token_ids, logging.getLogger().getEffectiveLevel()))
+    return specs
+
+
+def _num_cuda() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+async def serve(cfg: DopdConfig, ready: asyncio.Event | None = None) -> None:
+    from dopd.workers.handle import WorkerHandle
+
+    setup = resolve(cfg)
+    if setup.device == "cpu" and setup.engine != "mock":
+        log.info("no CUDA device: the %d workers run on the CPU (torch attention, shared-memory KV handoff)",
+                 cfg.cluster.gpus)
+    handles = [WorkerHandle(spec, role) for spec, role in zip(worker_specs(cfg, setup), setup.roles)]
+    telemetry = Telemetry(setup.model_name, setup.slo)
+    policy = None
+    if cfg.cluster.mode not in ("colocated", "static") and cfg.cluster.gpus > 1:
+        from dopd.policy.base import make_policy
+
+        policy = make_policy(cfg, setup)
+    controller = Controller(handles, setup.tokenizer, setup.max_model_len, telemetry, cfg.server.request_timeout,
+                            cfg.server.handoff_timeout, cfg.server.max_num_requests, policy)
+    await controller.start()
+    api = Api(controller, setup.model_name, cfg.server.api_key)
+    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.server.host, cfg.server.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    split = "/".join(f"{sum(r == role for r in setup.roles)}{role.name[0]}" for role in Role
+                     if any(r == role for r in setup.roles))
+    print(f"DOPD serving {setup.model_name} at http://{cfg.server.host}:{port} "
+          f"({cfg.cluster.gpus} workers {split}, mode {cfg.cluster.mode}, engine {setup.engine} on {setup.device})",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    monitor = None
+    if cfg.server.monitor and sys.stdout.isatty():
+        from dopd.monitor import run_monitor
+
+        monitor = asyncio.create_task(run_monitor(controller.snapshot, stop))
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down")
+    await site.stop()
+    await controller.stop(SHUTDOWN_GRACE)
+    if monitor is not None:
+        monitor.cancel()
+    await runner.cleanup()

@@ -1,0 +1,131 @@
+"""The server through its real interfaces: the openai client streaming, the admin route, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+import openai
+import pytest
+
+from conftest import hf_greedy
+from dopd.workers.loader import load_tokenizer
+from serverproc import ServerProcess
+
+NUM_REQUESTS = 16
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    rng = random.Random(3)
+    words = "alpha beta gamma delta import class def return value node tree list string".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randrange(2, 40))) for _ in range(NUM_REQUESTS)]
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir, texts) -> list[str]:
+    tokenizer = load_tokenizer(llama_dir)
+    tokens, _ = hf_greedy(llama_dir, [tokenizer.encode(t) for t in texts], NEW_TOKENS)
+    return [tokenizer.decode(t) for t in tokens]
+
+
+async def stream_all(url: str, model: str, texts: list[str]) -> list[str]:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
+
+    async def one(text: str) -> str:
+        stream = await client.completions.create(model=model, prompt=text, max_tokens=NEW_TOKENS, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    try:
+        return await asyncio.gather(*(one(t) for t in texts))
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("mode", [["--mode", "static", "--pd-ratio", "1:1"], ["--mode", "colocated"]],
+                         ids=["static-1P1D", "colocated"])
+def test_openai_streaming_equals_transformers(llama_dir, texts, reference, mode):
+    server = ServerProcess("--model", str(llama_dir), "--gpus", "2", *mode)
+    try:
+        got = asyncio.run(stream_all(server.url, str(llama_dir), texts))
+        assert got == reference
+        snap = server.wait_idle()
+        assert all(w["kv_blocks_free"] == w["kv_blocks_total"] for w in snap["workers"])
+        assert snap["latency"]["num_finished"] == NUM_REQUESTS and snap["latency"]["num_failed"] == 0
+    finally:
+        assert server.stop() == 0, server.logs()
+
+
+@pytest.fixture(scope="module")
+def server3(llama_dir):
+    server = ServerProcess("--model", str(llama_dir), "--gpus", "3", "--mode", "static", "--pd-ratio", "1:2",
+                           "--kv-cache-gb", "0.05")
+    yield server
+    assert server.stop() == 0, server.logs()
+
+
+def test_random_disconnects_leave_every_pool_whole(server3, texts):
+    async def run() -> int:
+        rng = random.Random(0)
+        body = {"max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
+        aborted = 0
+        async with aiohttp.ClientSession() as session:
+            async def one(i: int) -> None:
+                nonlocal aborted
+                cut_after = rng.choice([0, 1, 3, 10, None])  # chunks to read before hanging up
+                async with session.post(server3.url + "/v1/completions",
+                                        json={**body, "prompt": texts[i % len(texts)]}) as resp:
+                    assert resp.status == 200
+                    n = 0
+                    async for _ in resp.content:
+                        n += 1
+                        if cut_after is not None and n >= cut_after:
+                            aborted += 1
+                            return  # leaving the context closes the connection mid-stream
+            await asyncio.gather(*(one(i) for i in range(40)))
+        return aborted
+
+    assert asyncio.run(run()) > 10
+    snap = server3.wait_idle()
+    assert snap["num_requests"] == 0
+    for w in snap["workers"]:
+        assert w["kv_blocks_free"] == w["kv_blocks_total"], snap
+
+
+def test_moving_workers_by_hand_under_load_changes_nothing(server3, llama_dir, texts, reference):
+    async def run():
+        streams = asyncio.create_task(stream_all(server3.url, str(llama_dir), texts * 2))
+        await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as session:
+            # worker 0: prefill -> decode, worker 2: decode -> prefill (its running decodes migrate)
+            async with session.post(server3.url + "/v1/cluster/roles",
+                                    json={"roles": {"0": "decode", "2": "prefill"}, "reason": "test"}) as r:
+                assert r.status == 200, await r.text()
+                moves = (await r.json())["moves"]
+        return moves, await streams
+
+    moves, got = asyncio.run(run())
+    assert {(m["worker"], m["from"], m["to"]) for m in moves} == {(0, "prefill", "decode"), (2, "decode", "prefill")}
+    assert got == reference * 2
+    snap = server3.wait_idle()
+    assert [w["role"] for w in snap["workers"]] == ["decode", "decode", "prefill"]
+    done = {(m["worker"], m["to"]): m for m in snap["role_changes"]}
+    assert {(0, "decode"), (2, "prefill")} <= set(done)
+    assert done[(2, "prefill")]["num_migrated"] > 0  # its running decodes moved to the other decode worker
+    assert all(w["kv_blocks_free"] == w["kv_blocks_total"] for w in snap["workers"])
+    # and back, so the split is usable for whatever runs next on this server
+    server3.post("/v1/cluster/roles", {"roles": {"0": "prefill", "2": "decode"}})
+
+
+def test_bad_role_requests_are_400(server3):
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            for body in ({"roles": {"9": "decode"}}, {"roles": {"0": "sideways"}},
+                         {"roles": {"0": "decode", "1": "decode", "2": "decode"}}, {"roles": "x"}):
+                async with session.post(server3.url + "/v1/cluster/roles", json=body) as r:
+                    assert r.status == 400
+                    assert "message" in (await r.json())["error"]
+    asyncio.run(run())
