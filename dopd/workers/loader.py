@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dopd.workers.model import CausalLM, ModelArch, Rotary
+from dopd.workers.model import CausalLM, ModelArch, Rotary, can_pack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -88,6 +88,8 @@ def load_model(model_dir: Path, arch: ModelArch, dtype: torch.dtype, device: tor
     missing = _expected_keys(params) - loaded
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks weights for: {', '.join(sorted(missing)[:8])}")
+    if device.type == "cpu" and can_pack():
+        model.pack_for_cpu()
     return model.eval()
 
 
