@@ -72,30 +72,40 @@ class ClusterConfig:
                      "dopd (the dynamic controller), or a baseline planner: load_threshold, sla", choices=MODES)
     pd_ratio: str | None = _opt(None, "prefill:decode workers for static mode and dopd's start, e.g. 1:1 "
                                 "(default: half and half)", metavar="P:D")
+    hardware: str = _opt("h100", "mock engine: the GPU it pretends to be (h100, h200, a100)")
+    model_profile: str = _opt("llama3-8b", "mock engine: a cost-model preset (llama3-8b, llama3-70b, "
+                              "llama3-70b-fp8, opt-13b, opt-30b) or a profile file from scripts/profile.py",
+                              metavar="PROFILE")
+    tp: int | None = _opt(None, "mock engine: GPUs per worker (default: the fewest that hold the weights); "
+                          "--gpus 8 with tp 2 is 4 workers")
+    link: str | None = _opt(None, "mock engine: the KV link, nvlink, pcie or a number of GB/s (default: nvlink)")
 
     def __post_init__(self) -> None:
         if self.gpus < 1:
             raise ValueError(f"--gpus must be at least 1, got {self.gpus}")
         if self.pd_ratio is not None:
-            parse_pd_ratio(self.pd_ratio, self.gpus)
+            parse_pd_ratio(self.pd_ratio)
+        if self.tp is not None and self.tp < 1:
+            raise ValueError(f"--tp must be at least 1, got {self.tp}")
 
-    def split(self) -> tuple[int, int]:
+    def split(self, num_workers: int) -> tuple[int, int]:
         """(num prefill, num decode) workers to start with in a disaggregated mode."""
-        if self.pd_ratio is not None:
-            return parse_pd_ratio(self.pd_ratio, self.gpus)
-        num_prefill = max(1, self.gpus // 2)
-        return num_prefill, self.gpus - num_prefill
+        if self.pd_ratio is None:
+            num_prefill = max(1, num_workers // 2)
+            return num_prefill, num_workers - num_prefill
+        p, d = parse_pd_ratio(self.pd_ratio)
+        if p + d != num_workers:
+            raise ValueError(f"--pd-ratio {self.pd_ratio} names {p + d} workers but there are {num_workers}")
+        return p, d
 
 
-def parse_pd_ratio(text: str, gpus: int) -> tuple[int, int]:
+def parse_pd_ratio(text: str) -> tuple[int, int]:
     try:
         p, d = (int(x) for x in text.split(":"))
     except ValueError:
         raise ValueError(f"--pd-ratio must look like P:D (e.g. 1:1), got {text!r}") from None
     if p < 1 or d < 1:
         raise ValueError(f"--pd-ratio needs at least one prefill and one decode worker, got {text!r}")
-    if p + d != gpus:
-        raise ValueError(f"--pd-ratio {text} names {p + d} workers but --gpus is {gpus}")
     return p, d
 
 

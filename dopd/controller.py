@@ -372,6 +372,7 @@ class Controller:
                         w.send(ExportRequest(st.request_id))
                         st.on_decode = False  # its tokens now come after an adoption elsewhere
                         move.exported.add(st)
+                        w.state = WorkerState.MIGRATING
             old_work = [st for st in mine
                         if move.blocks_flip(st.on_decode or st.adopt_to == wid, st in move.exported)]
             if not old_work:

@@ -26,6 +26,7 @@ from dopd.telemetry import Telemetry
 log = logging.getLogger("dopd")
 
 SHUTDOWN_GRACE = 5.0
+MOCK_MAX_MODEL_LEN = 16384  # the paper's vLLM setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,9 @@ class Setup:
     eos_token_ids: frozenset[int]
     max_num_batched_tokens: int
     slo: SLO
+    num_workers: int
     roles: list[Role]
+    mock: object | None  # the MockSpec, for the mock engine
 
 
 def resolve(cfg: DopdConfig) -> Setup:
@@ -57,21 +60,42 @@ def resolve(cfg: DopdConfig) -> Setup:
     model_dir = resolve_model(cfg.model.model)
     tokenizer = loader.load_tokenizer(model_dir)
     arch = loader.load_arch(model_dir)
-    max_len = loader.max_model_len(arch, cfg.model.max_model_len)
-    budget = cfg.scheduler.max_num_batched_tokens or loader.default_max_batched_tokens(device)
+    if engine == "mock":  # no weights run: the context limit and the step budget are those of the GPU it mimics
+        max_len = cfg.model.max_model_len or MOCK_MAX_MODEL_LEN
+        budget = cfg.scheduler.max_num_batched_tokens or loader.default_max_batched_tokens(torch_device("cuda"))
+    else:
+        max_len = loader.max_model_len(arch, cfg.model.max_model_len)
+        budget = cfg.scheduler.max_num_batched_tokens or loader.default_max_batched_tokens(device)
     cpu_engine = engine == "torch" and device.type == "cpu"
     slo = SLO(cfg.server.slo_ttft or (2.0 if cpu_engine else 1.5), cfg.server.slo_tpot or (0.2 if cpu_engine else 0.05))
+    mock = None
+    num_workers = cfg.cluster.gpus
+    if engine == "mock":
+        from dopd.workers.mock import mock_spec
+
+        mock = mock_spec(cfg, len(tokenizer))
+        tp = mock.cost.num_gpus
+        if cfg.cluster.gpus % tp:
+            raise ValueError(f"--gpus {cfg.cluster.gpus} is not a multiple of the profile's {tp} GPUs per worker")
+        num_workers = cfg.cluster.gpus // tp
     return Setup(str(device), engine, str(model_dir), arch, cfg.model.served_model_name or cfg.model.model, tokenizer,
-                 max_len, loader.eos_token_ids(model_dir, tokenizer), budget, slo, initial_roles(cfg))
+                 max_len, loader.eos_token_ids(model_dir, tokenizer), budget, slo, num_workers,
+                 initial_roles(cfg, num_workers), mock)
 
 
-def initial_roles(cfg: DopdConfig) -> list[Role]:
-    n, mode = cfg.cluster.gpus, cfg.cluster.mode
-    if mode == "colocated" or n == 1:
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
+def initial_roles(cfg: DopdConfig, num_workers: int) -> list[Role]:
+    mode = cfg.cluster.mode
+    if mode == "colocated" or num_workers == 1:
         if mode != "colocated":
             log.warning("one worker cannot be split into prefill and decode: serving colocated")
-        return [Role.MIXED] * n
-    num_prefill, num_decode = cfg.cluster.split()
+        return [Role.MIXED] * num_workers
+    num_prefill, num_decode = cfg.cluster.split(num_workers)
     return [Role.PREFILL] * num_prefill + [Role.DECODE] * num_decode
 
 
@@ -79,22 +103,17 @@ def worker_specs(cfg: DopdConfig, setup: Setup) -> list:
     from dopd.workers.runner import RunnerSpec
     from dopd.workers.worker import WorkerSpec
 
-    n = cfg.cluster.gpus
+    n = setup.num_workers
     specs = []
     threads = max(1, (os.cpu_count() or 1) // n)
     for i in range(n):
         device = f"cuda:{i % _num_cuda()}" if setup.device.startswith("cuda") else "cpu"
-        mock = None
         runner = None
-        if setup.engine == "mock":
-            from dopd.workers.mock import mock_spec
-
-            mock = mock_spec(cfg, setup)
-        else:
+        if setup.mock is None:
             runner = RunnerSpec(setup.model_dir, device, cfg.model.dtype, setup.engine, setup.max_model_len,
                                 cfg.cache.block_size, cfg.cache.num_kv_blocks, cfg.cache.kv_cache_gb, threads,
                                 setup.arch)
-        specs.append(WorkerSpec(i, runner, mock, cfg.scheduler.max_num_seqs, setup.max_num_batched_tokens,
+        specs.append(WorkerSpec(i, runner, setup.mock, cfg.scheduler.max_num_seqs, setup.max_num_batched_tokens,
                                 setup.eos_token_ids, logging.getLogger().getEffectiveLevel()))
     return specs
 
@@ -111,11 +130,14 @@ async def serve(cfg: DopdConfig, ready: asyncio.Event | None = None) -> None:
     setup = resolve(cfg)
     if setup.device == "cpu" and setup.engine != "mock":
         log.info("no CUDA device: the %d workers run on the CPU (torch attention, shared-memory KV handoff)",
-                 cfg.cluster.gpus)
+                 setup.num_workers)
+    if setup.mock is not None:
+        log.info("mock engine: %d workers of %d GPU(s), each a %s", setup.num_workers, setup.mock.cost.num_gpus,
+                 setup.mock.cost.name)
     handles = [WorkerHandle(spec, role) for spec, role in zip(worker_specs(cfg, setup), setup.roles)]
     telemetry = Telemetry(setup.model_name, setup.slo)
     policy = None
-    if cfg.cluster.mode not in ("colocated", "static") and cfg.cluster.gpus > 1:
+    if cfg.cluster.mode not in ("colocated", "static") and setup.num_workers > 1:
         from dopd.policy.base import make_policy
 
         policy = make_policy(cfg, setup)
@@ -131,7 +153,7 @@ async def serve(cfg: DopdConfig, ready: asyncio.Event | None = None) -> None:
     split = "/".join(f"{sum(r == role for r in setup.roles)}{role.name[0]}" for role in Role
                      if any(r == role for r in setup.roles))
     print(f"DOPD serving {setup.model_name} at http://{cfg.server.host}:{port} "
-          f"({cfg.cluster.gpus} workers {split}, mode {cfg.cluster.mode}, engine {setup.engine} on {setup.device})",
+          f"({setup.num_workers} workers {split}, mode {cfg.cluster.mode}, engine {setup.engine} on {setup.device})",
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
