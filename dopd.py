@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         from dopd.monitor import attach
 
         return attach(args.url, args.api_key, args.interval)
+    # --policy NAME is --mode NAME: the simulator's word for the same choice.
+    argv = ["--mode" if a == "--policy" else a.replace("--policy=", "--mode=") for a in argv]
     args = serve_parser().parse_args(argv)
     values = vars(args)
     log_level = values.pop("log_level")

@@ -40,7 +40,7 @@ class CacheConfig:
     block_size: int = _opt(16, "tokens per KV block")
     num_kv_blocks: int | None = _opt(None, "KV blocks per worker (default: sized from --kv-cache-gb)")
     kv_cache_gb: float | None = _opt(None, "KV pool size per worker in GiB (default: 0.5 on CPU, "
-                                     "90%% of free memory after weights on CUDA)")
+                                     "90% of free memory after weights on CUDA)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.block_size <= 1024:
@@ -73,9 +73,10 @@ class ClusterConfig:
     pd_ratio: str | None = _opt(None, "prefill:decode workers for static mode and dopd's start, e.g. 1:1 "
                                 "(default: half and half)", metavar="P:D")
     hardware: str = _opt("h100", "mock engine: the GPU it pretends to be (h100, h200, a100)")
-    model_profile: str = _opt("llama3-8b", "mock engine: a cost-model preset (llama3-8b, llama3-70b, "
-                              "llama3-70b-fp8, opt-13b, opt-30b) or a profile file from scripts/profile.py",
-                              metavar="PROFILE")
+    model_profile: str | None = _opt(None, "the cost model: a preset (llama3-8b, llama3-70b, llama3-70b-fp8, "
+                                     "opt-13b, opt-30b) for the mock engine (default llama3-8b), or a profile file "
+                                     "from scripts/profile.py (default for the real engine: the one shipped for "
+                                     "the model and device, in dopd/profiles/)", metavar="PROFILE")
     tp: int | None = _opt(None, "mock engine: GPUs per worker (default: the fewest that hold the weights); "
                           "--gpus 8 with tp 2 is 4 workers")
     link: str | None = _opt(None, "mock engine: the KV link, nvlink, pcie or a number of GB/s (default: nvlink)")
@@ -89,12 +90,13 @@ class ClusterConfig:
             raise ValueError(f"--tp must be at least 1, got {self.tp}")
 
     def split(self, num_workers: int) -> tuple[int, int]:
-        """(num prefill, num decode) workers to start with in a disaggregated mode."""
+        """(num prefill, num decode) workers to start with in a disaggregated mode. A dynamic mode
+        may start with fewer (the rest idle, for its planner to call on); static uses them all."""
         if self.pd_ratio is None:
             num_prefill = max(1, num_workers // 2)
             return num_prefill, num_workers - num_prefill
         p, d = parse_pd_ratio(self.pd_ratio)
-        if p + d != num_workers:
+        if p + d > num_workers or (self.mode == "static" and p + d != num_workers):
             raise ValueError(f"--pd-ratio {self.pd_ratio} names {p + d} workers but there are {num_workers}")
         return p, d
 
@@ -136,12 +138,39 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """The DOPD controller and the dynamic baselines (dopd, load_threshold, sla)."""
+
+    interval: float = _opt(10.0, "seconds between proactive P/D adjustments (the monitoring interval)",
+                           flag="policy-interval")
+    forecast_window: int = _opt(50, "intervals the ARIMA forecast looks back over")
+    forecast_method: str = _opt("arima", "arima, ewma or last", choices=("arima", "ewma", "last"))
+    park_idle: bool = _opt(True, "let the policy park spare workers (role idle) when load is low")
+    headroom: float = _opt(1.2, "provision for this multiple of the forecast load")
+    emergency_queue: float = _opt(0.5, "act at once when queued prefill work exceeds this share of the TTFT SLO")
+    emergency_kv: float = _opt(0.9, "act at once when a decode worker's KV usage exceeds this")
+    cooldown_intervals: float = _opt(1.0, "intervals a moved worker's samples stay out of the estimates")
+    ultra_short_len: int = _opt(64, "dopd: prompts this short are prefilled on a decode worker (0: never)")
+    short_batch_wait: float = _opt(0.05, "dopd: share of the TTFT SLO a short prompt may wait to be batched "
+                                   "(0: no batching)")
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise ValueError("--policy-interval must be positive")
+        if self.headroom < 1:
+            raise ValueError("--headroom must be at least 1")
+        if not 0 <= self.short_batch_wait < 1:
+            raise ValueError("--short-batch-wait must be in [0, 1)")
+
+
+@dataclass(frozen=True, slots=True)
 class DopdConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 def flag(name: str) -> str:
@@ -160,6 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         base = _base_type(kind)
         kwargs: dict = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        kwargs["help"] = kwargs["help"].replace("%", "%%")
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if base is bool:
@@ -169,8 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["metavar"] = f.metadata.get("metavar", f.name.split("_")[-1].upper())
         default = f.default if f.default is not dataclasses.MISSING else None
         if default is not None and base is not bool:
-            kwargs["help"] += f" (default: {default})".replace("%", "%%")
-        parser.add_argument(flag(f.name), dest=f.name, **kwargs)
+            kwargs["help"] += f" (default: {default})"
+        parser.add_argument("--" + f.metadata["flag"] if "flag" in f.metadata else flag(f.name), dest=f.name,
+                            **kwargs)
 
 
 def from_args(cls: type, values: dict):

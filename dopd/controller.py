@@ -30,6 +30,8 @@ from dopd.messages import (
 from dopd.metrics import RequestRecord
 from dopd.moves import RoleMove
 from dopd.policy import routing
+from dopd.policy.base import Decision, Snapshot, should_migrate
+from dopd.policy.resources import ResourceMonitor
 from dopd.request import Request, RequestStatus
 from dopd.telemetry import Telemetry
 from dopd.workers.handle import WorkerHandle, WorkerState
@@ -38,6 +40,7 @@ log = logging.getLogger("dopd.controller")
 
 HOUSEKEEPING_INTERVAL = 0.05
 PING_INTERVAL = 1.0
+POLICY_TICK = 0.25  # how often the policy's emergency path looks
 
 
 class Overloaded(Exception):
@@ -64,7 +67,9 @@ class RequestState:
 
 class Controller:
     def __init__(self, workers: list[WorkerHandle], tokenizer, max_model_len: int, telemetry: Telemetry,
-                 request_timeout: float, handoff_timeout: float, max_num_requests: int, policy=None) -> None:
+                 request_timeout: float, handoff_timeout: float, max_num_requests: int, policy=None,
+                 policy_interval: float = 10.0, ultra_short_len: int = 0,
+                 batcher: routing.ShortPromptBatcher | None = None, transfer_time_per_token: float = 0.0) -> None:
         self.workers = {w.id: w for w in workers}
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -73,6 +78,12 @@ class Controller:
         self.handoff_timeout = handoff_timeout
         self.max_num_requests = max_num_requests
         self.policy = policy
+        self.policy_interval = policy_interval
+        self.ultra_short_len = ultra_short_len
+        self.batcher = batcher
+        self.transfer_time_per_token = transfer_time_per_token
+        self.resources = ResourceMonitor(telemetry.slo, time.monotonic())
+        self.last_moved: dict[int, float] = {}
         self.requests: dict[str, RequestState] = {}
         self.unplaced: deque[RequestState] = deque()  # no worker could take them yet
         self.handoffs: deque[RequestState] = deque()  # parked, waiting for decode capacity
@@ -126,7 +137,13 @@ class Controller:
             raise Overloaded(f"{len(self.requests)} requests in flight (limit {self.max_num_requests})")
         st = RequestState(request, deadline=request.arrival_time + self.request_timeout)
         self.requests[request.request_id] = st
-        self._place(st)
+        n = request.num_prompt_tokens
+        self.resources.on_arrival(n, request.max_tokens)
+        long_len = getattr(self.policy, "long_prompt_len", lambda: None)()
+        if self.batcher is not None and long_len and self.ultra_short_len < n < long_len:
+            self._place_all(self.batcher.add(st, n, time.monotonic()))  # short: batched with others
+        else:
+            self._place(st)
         return st
 
     def abort(self, request_id: str, reason: str) -> None:
@@ -151,23 +168,30 @@ class Controller:
             kv_blocks_total=s.kv_blocks_total, pending_prefill_tokens=self.pending_prefill_tokens[w.id],
         )
 
-    def _place(self, st: RequestState) -> None:
+    def _place(self, st: RequestState, placement: routing.Placement | None = None) -> None:
         """Send a request that has no token yet to a worker that will prefill it."""
-        views = self.views()
-        disaggregated = any(v.role == Role.PREFILL for v in views if v.alive)
-        target = routing.pick_prefill_worker(views) if disaggregated else routing.pick_mixed_worker(views)
-        if target is None:
-            self.unplaced.append(st)
-            return
-        w = self.workers[target]
-        hand_off = w.role == Role.PREFILL or (target in self.moves and self.moves[target].target == Role.PREFILL)
         req = st.request
-        if not w.send(AddRequest(req.request_id, req.prompt_token_ids, req.params, req.max_tokens, hand_off)):
+        placement = placement or routing.place_prompt(self.views(), req.num_prompt_tokens, self.ultra_short_len,
+                                                      self._block_size())
+        if placement is None:
             self.unplaced.append(st)
             return
-        st.worker, st.on_decode = target, not hand_off
+        w = self.workers[placement.worker]
+        msg = AddRequest(req.request_id, req.prompt_token_ids, req.params, req.max_tokens, placement.hand_off)
+        if not w.send(msg):
+            self.unplaced.append(st)
+            return
+        st.worker, st.on_decode = w.id, not placement.hand_off
         req.status = RequestStatus.PREFILLING
-        self.pending_prefill_tokens[target] += req.num_prompt_tokens
+        self.pending_prefill_tokens[w.id] += req.num_prompt_tokens
+
+    def _place_all(self, batch: list[RequestState]) -> None:
+        """A batch of short prompts, all to one prefill worker so that they share a step."""
+        batch = [st for st in batch if not st.request.finished]
+        if batch:
+            placement = routing.place_prompt(self.views(), sum(st.request.num_prompt_tokens for st in batch))
+            for st in batch:
+                self._place(st, placement)
 
     def _retry_unplaced(self) -> None:
         for _ in range(len(self.unplaced)):
@@ -321,10 +345,12 @@ class Controller:
         ok = req.error is None
         ttft = req.first_token_time - req.arrival_time if req.first_token_time else None
         e2el = (req.last_token_time or end) - req.arrival_time if ok else None
-        self.telemetry.record(end, RequestRecord(
+        record = RequestRecord(
             request_id=req.request_id, arrival_time=req.arrival_time - self.started_at,
             input_len=req.num_prompt_tokens, output_len=req.num_output_tokens, ttft=ttft if ok else None,
-            itl=[], e2el=e2el, success=ok, error=req.error or ""))
+            itl=[], e2el=e2el, success=ok, error=req.error or "")
+        self.telemetry.record(end, record)
+        self.resources.on_finish(record)
         self._forget(st)
 
     def _forget(self, st: RequestState) -> None:
@@ -334,9 +360,10 @@ class Controller:
 
     # ---- role moves -----------------------------------------------------------------------------
 
-    def set_roles(self, roles: dict[int, Role], reason: str) -> list[dict]:
+    def set_roles(self, roles: dict[int, Role], reason: str, migrate: bool | None = None) -> list[dict]:
         """Move workers to new roles in place: stop giving them work of the old role, finish or
-        migrate that work, flip. Raises ValueError if the result could not serve requests."""
+        migrate that work, flip. `migrate` None: migrate running decodes unless they are nearly
+        done (`should_migrate`). Raises ValueError if the result could not serve requests."""
         for wid in roles:
             if wid not in self.workers or not self.workers[wid].alive:
                 raise ValueError(f"no live worker {wid}; workers: {sorted(self.workers)}")
@@ -353,6 +380,7 @@ class Controller:
             if role == current:
                 continue
             move = RoleMove(w.id, w.role, role, reason, time.monotonic())
+            move.migrate = self._should_migrate(w) if migrate is None else migrate
             self.moves[wid] = move
             w.state = WorkerState.DRAINING
             started.append(move.describe())
@@ -360,6 +388,12 @@ class Controller:
         self._progress_moves()
         self._retry_unplaced()
         return started
+
+    def _should_migrate(self, w: WorkerHandle) -> bool:
+        decoding = [st for st in self.requests.values() if st.worker == w.id and st.on_decode]
+        remaining = [st.request.max_tokens - st.request.num_output_tokens for st in decoding]
+        kv_tokens = sum(st.request.num_prompt_tokens + st.request.num_output_tokens for st in decoding)
+        return should_migrate(remaining, w.stats.step_time, kv_tokens * self.transfer_time_per_token)
 
     def _progress_moves(self) -> None:
         for wid, move in list(self.moves.items()):
@@ -379,6 +413,7 @@ class Controller:
                 del self.moves[wid]
                 w.role, w.state = move.target, WorkerState.SERVING
                 record = move.finish(time.monotonic())
+                self.last_moved[wid] = record["finished_at"]
                 self.move_log.append(record)
                 self.telemetry.role_changes.labels(move.source.name.lower(), move.target.name.lower()).inc()
                 log.info("worker %d now %s after %.1f ms (%d requests moved)", wid, move.target.name.lower(),
@@ -387,7 +422,8 @@ class Controller:
     # ---- housekeeping ---------------------------------------------------------------------------
 
     async def _housekeeping(self) -> None:
-        last_ping = 0.0
+        last_ping = last_policy = 0.0
+        next_interval = time.monotonic() + self.policy_interval
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             try:
@@ -399,6 +435,8 @@ class Controller:
                         self._end(st, "abort", error=f"KV handoff timed out after {self.handoff_timeout:.0f} s")
                     elif now > st.deadline:
                         self._end(st, "abort", error=f"request timed out after {self.request_timeout:.0f} s")
+                if self.batcher is not None:
+                    self._place_all(self.batcher.due(now))
                 self._retry_unplaced()
                 self._drain_handoffs()
                 self._progress_moves()
@@ -406,10 +444,41 @@ class Controller:
                     last_ping = now
                     for w in self.workers.values():
                         w.send(Ping(now))
-                if self.policy is not None:
-                    self.policy.tick(self, now)
+                if self.policy is not None and now - last_policy >= POLICY_TICK:
+                    last_policy = now
+                    closing = now >= next_interval
+                    if closing:
+                        next_interval = now + self.policy_interval
+                    self._apply(self.policy.decide(self.policy_snapshot(now, closing)))
             except Exception:  # one bad tick must not stop the housekeeping for good
                 log.exception("housekeeping failed")
+
+    def policy_snapshot(self, now: float, close_interval: bool) -> Snapshot:
+        views = self.views()
+        interval = None
+        if close_interval:
+            live = [w for w in self.workers.values() if w.alive]
+            kv = {w.id: 1 - w.stats.kv_blocks_free / w.stats.kv_blocks_total for w in live if w.stats.kv_blocks_total}
+            decode_running = [w.stats.num_running for w in live if w.role == Role.DECODE]
+            interval = self.resources.close(now, kv, decode_running, self._queued_prefill()[1], len(self.handoffs))
+        tokens, requests = self._queued_prefill()
+        return Snapshot(now=now, workers=views, interval=interval, queued_prefill_tokens=tokens,
+                        queued_prefill_requests=requests, handoff_queue=len(self.handoffs), moving=bool(self.moves),
+                        last_moved=dict(self.last_moved))
+
+    def _queued_prefill(self) -> tuple[int, int]:
+        """Prompt tokens and requests that wait for a prefill: sent and not yet done, or held here."""
+        held = list(self.unplaced) + (self.batcher.items if self.batcher is not None else [])
+        tokens = sum(self.pending_prefill_tokens.values()) + sum(st.request.num_prompt_tokens for st in held)
+        waiting = sum(w.stats.num_waiting for w in self.workers.values() if w.alive and w.role != Role.DECODE)
+        return tokens, waiting + len(held)
+
+    def _apply(self, decisions: list[Decision]) -> None:
+        for d in decisions:
+            try:
+                self.set_roles({d.worker_id: d.role}, d.reason)
+            except ValueError as e:  # a stale decision (a worker died meanwhile): skip it, say why
+                log.warning("policy decision %s skipped: %s", d, e)
 
     def _block_size(self) -> int:
         return next(iter(self.workers.values())).block_size

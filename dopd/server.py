@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -83,6 +84,25 @@ def resolve(cfg: DopdConfig) -> Setup:
                  initial_roles(cfg, num_workers), mock)
 
 
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+def cost_model(cfg: DopdConfig, setup: Setup):
+    """The cost model the policy plans with: the mock's own, a given profile, or the shipped one
+    measured for this model on this kind of device (scripts/profile.py)."""
+    from dopd.sim.costmodel import get_profile
+
+    if setup.mock is not None:
+        return setup.mock.cost
+    if cfg.cluster.model_profile:
+        return get_profile(cfg.cluster.model_profile, cfg.cluster.hardware, cfg.cluster.tp)
+    shipped = PROFILES_DIR / f"{setup.device.split(':')[0]}-{Path(setup.model_dir).name}.json"
+    if not shipped.is_file():
+        raise ValueError(f"mode {cfg.cluster.mode} plans with a cost model, and none is shipped for this model on "
+                         f"{setup.device} ({shipped.name}): run scripts/profile.py and pass --model-profile FILE")
+    return get_profile(str(shipped))
+
+
 def torch_device(name: str):
     import torch
 
@@ -96,7 +116,8 @@ def initial_roles(cfg: DopdConfig, num_workers: int) -> list[Role]:
             log.warning("one worker cannot be split into prefill and decode: serving colocated")
         return [Role.MIXED] * num_workers
     num_prefill, num_decode = cfg.cluster.split(num_workers)
-    return [Role.PREFILL] * num_prefill + [Role.DECODE] * num_decode
+    num_idle = num_workers - num_prefill - num_decode
+    return [Role.PREFILL] * num_prefill + [Role.DECODE] * num_decode + [Role.IDLE] * num_idle
 
 
 def worker_specs(cfg: DopdConfig, setup: Setup) -> list:
@@ -136,13 +157,22 @@ async def serve(cfg: DopdConfig, ready: asyncio.Event | None = None) -> None:
                  setup.mock.cost.name)
     handles = [WorkerHandle(spec, role) for spec, role in zip(worker_specs(cfg, setup), setup.roles)]
     telemetry = Telemetry(setup.model_name, setup.slo)
-    policy = None
+    policy, batcher, ultra_short, per_token = None, None, 0, 0.0
     if cfg.cluster.mode not in ("colocated", "static") and setup.num_workers > 1:
         from dopd.policy.base import make_policy
+        from dopd.policy.routing import ShortPromptBatcher
 
-        policy = make_policy(cfg, setup)
+        cost = cost_model(cfg, setup)
+        policy = make_policy(cfg.cluster.mode, cost, setup.slo, setup.num_workers, cfg.policy)
+        per_token = cost.kv_transfer_time(1)
+        if cfg.cluster.mode == "dopd":  # the length-aware scheduler is DOPD's, not the baselines'
+            ultra_short = cfg.policy.ultra_short_len
+            if cfg.policy.short_batch_wait > 0:
+                batcher = ShortPromptBatcher(setup.max_num_batched_tokens, cfg.policy.short_batch_wait * setup.slo.ttft)
     controller = Controller(handles, setup.tokenizer, setup.max_model_len, telemetry, cfg.server.request_timeout,
-                            cfg.server.handoff_timeout, cfg.server.max_num_requests, policy)
+                            cfg.server.handoff_timeout, cfg.server.max_num_requests, policy,
+                            policy_interval=cfg.policy.interval, ultra_short_len=ultra_short, batcher=batcher,
+                            transfer_time_per_token=per_token)
     await controller.start()
     api = Api(controller, setup.model_name, cfg.server.api_key)
     runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)

@@ -71,3 +71,68 @@ def pick_mixed_worker(workers: list[WorkerView]) -> int | None:
     if not candidates:
         return None
     return min(candidates, key=lambda w: (w.num_running + w.num_waiting, w.pending_prefill_tokens, w.id)).id
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a new prompt goes: `worker` prefills it, and decodes it too unless `hand_off`."""
+
+    worker: int
+    hand_off: bool
+
+
+def place_prompt(workers: list[WorkerView], num_tokens: int, ultra_short_len: int = 0,
+                 block_size: int = 16) -> Placement | None:
+    """A new prompt's placement, or None when no worker can take it now.
+
+    Disaggregated: a prefill worker, except an ultra-short prompt (≤ `ultra_short_len` tokens),
+    which the least-loaded decode worker prefills itself when it has nothing waiting — the KV
+    transfer would cost about as much as the prefill. Without prefill workers: a mixed worker.
+    """
+    if not any(w.accepts_prefill and w.role == Role.PREFILL for w in workers):
+        target = pick_mixed_worker(workers)
+        return None if target is None else Placement(target, hand_off=False)
+    if 0 < num_tokens <= ultra_short_len:
+        local = [w for w in workers if w.accepts_decode and w.num_waiting == 0]
+        target = pick_decode_worker(local, -(-num_tokens // block_size) + 1)
+        if target is not None:
+            return Placement(target, hand_off=False)
+    target = pick_prefill_worker(workers)
+    if target is None:
+        return None
+    role = next(w.role for w in workers if w.id == target)
+    return Placement(target, hand_off=role == Role.PREFILL)
+
+
+class ShortPromptBatcher:
+    """Length-aware prefill batching (DOPD §5): prompts at or above the forecast mean input length
+    go at once; shorter ones wait until `max_tokens` of them are together or the oldest has waited
+    `max_wait` seconds, so that they are prefilled in one batch on one worker. Pure: times are given."""
+
+    def __init__(self, max_tokens: int, max_wait: float) -> None:
+        self.max_tokens, self.max_wait = max_tokens, max_wait
+        self.items: list = []
+        self.num_tokens = 0
+        self.oldest: float | None = None
+
+    def add(self, item, num_tokens: int, now: float) -> list:
+        """Queue a short prompt; returns the batch to send if this one completes it (else [])."""
+        self.items.append(item)
+        self.num_tokens += num_tokens
+        if self.oldest is None:
+            self.oldest = now
+        return self.flush() if self.num_tokens >= self.max_tokens else []
+
+    def due(self, now: float) -> list:
+        """The batch to send because its oldest prompt has waited long enough (else [])."""
+        if self.oldest is not None and now - self.oldest >= self.max_wait:
+            return self.flush()
+        return []
+
+    def flush(self) -> list:
+        items, self.items, self.num_tokens, self.oldest = self.items, [], 0, None
+        return items
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.oldest is None else self.oldest + self.max_wait

@@ -22,6 +22,7 @@ from dopd.workers.sampler import SampledToken
 # Synthetic tokens come from a band of ordinary vocabulary, clear of the special tokens at the start.
 TOKEN_BAND_START = 300
 TOKEN_BAND_SIZE = 2000
+DEFAULT_PROFILE = "llama3-8b"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,7 @@ def mock_spec(cfg, vocab_size: int) -> MockSpec:
     """The mock worker spec for a server configuration (see dopd.server)."""
     from dopd.sim.costmodel import get_link, get_profile
 
-    cost = get_profile(cfg.cluster.model_profile, cfg.cluster.hardware, cfg.cluster.tp)
+    cost = get_profile(cfg.cluster.model_profile or DEFAULT_PROFILE, cfg.cluster.hardware, cfg.cluster.tp)
     if cfg.cluster.link:
         import dataclasses
 

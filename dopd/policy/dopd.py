@@ -1,0 +1,180 @@
+"""The DOPD policy: forecast the load, compute the optimal P/D split, move workers to it.
+
+Each monitoring interval:
+1. observe the interval (rate, ISL mean and variance, OSL) and forecast the next one (ARIMA);
+2. update the correction factors (measured / cost-model TTFT and TPOT), ignoring intervals in
+   which a worker had just changed role — its first steps would skew the estimate (Dynamo #12430);
+3. compute the split for the forecast (`ratio.optimal_split`) and move toward it — at once when it
+   adds capacity, only after it was asked for twice running and the shrinking role can absorb its
+   current load when it takes capacity away (consolidation-aware scale-down: no 2↔1 flapping).
+Between intervals, an emergency path acts at once when the prefill queue holds more work than a
+share of the TTFT SLO, or a decode worker's KV is nearly full: one worker moves, the idle first.
+No decision is taken while a move is still under way.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dopd.messages import Role
+from dopd.metrics import SLO
+from dopd.policy.base import Decision, PolicyConfig, Snapshot, plan_moves
+from dopd.policy.forecast import CorrectionFactor, LoadForecast
+from dopd.policy.ratio import Split, decode_concurrency, expected_prefill_cost, mean_context, optimal_split
+from dopd.sim.costmodel import CostModel
+
+EMERGENCY_COOLDOWN_S = 2.0
+CONSOLIDATION_MARGIN = 0.8  # a shrinking role must fit its current load in this share of what remains
+
+
+class DopdPolicy:
+    name = "dopd"
+
+    def __init__(self, cfg: PolicyConfig, cost: CostModel, slo: SLO, num_workers: int) -> None:
+        self.cfg, self.cost, self.slo, self.num_workers = cfg, cost, slo, num_workers
+        self.forecast = LoadForecast(cfg.forecast_window, method=cfg.forecast_method)
+        self.prefill_correction = CorrectionFactor(min_value=0.5, max_value=3.0)
+        self.decode_correction = CorrectionFactor(min_value=0.5, max_value=3.0)
+        self.split: Split | None = None
+        self.asked: tuple[int, int] | None = None  # a shrinking target seen once, waiting to be confirmed
+        self.last_emergency = -math.inf
+        self.last_time: float | None = None
+        self.gpu_seconds = 0.0
+        self.prediction = None
+
+    # ---- the decision -------------------------------------------------------------------------
+
+    def decide(self, snap: Snapshot) -> list[Decision]:
+        self._account(snap)
+        if snap.interval is not None:
+            self._observe(snap)
+        if snap.moving:
+            return []
+        urgent = self._emergency(snap)
+        if urgent or snap.interval is None:
+            return urgent
+        return self._proactive(snap)
+
+    def _observe(self, snap: Snapshot) -> None:
+        s = snap.interval
+        self.forecast.observe(s.num_arrivals, s.end - s.start, s.mean_input_len, s.var_input_len,
+                              s.mean_output_len)
+        self.prediction = self.forecast.predict()
+        if any(snap.now - t < self.cfg.cooldown_intervals * self.cfg.interval for t in snap.last_moved.values()):
+            return  # samples from a worker that just changed role would skew the corrections
+        if s.ttft_p50 is not None and s.queued_prefill_requests <= snap.count(Role.PREFILL) and s.mean_input_len:
+            # TTFT of an interval without a prefill queue is service time, not waiting
+            self.prefill_correction.update(s.ttft_p50, expected_prefill_cost(self.cost, s.mean_input_len,
+                                                                             s.var_input_len))
+        if s.tpot_p50 is not None and s.decode_batch >= 1:
+            ctx = mean_context(s.mean_input_len, s.mean_output_len or 1)
+            batch = round(s.decode_batch)
+            self.decode_correction.update(s.tpot_p50, self.cost.decode_time(batch, int(batch * ctx)))
+
+    def _target(self, snap: Snapshot) -> Split:
+        p = self.prediction
+        live = sum(1 for w in snap.workers if w.alive)
+        osl = p.mean_output_len or 1.0
+        return optimal_split(self.cost, p.rate, p.mean_input_len, p.var_input_len, osl, self.slo.tpot, live,
+                             park=self.cfg.park_idle, headroom=self.cfg.headroom,
+                             prefill_correction=self.prefill_correction.value,
+                             decode_correction=self.decode_correction.value)
+
+    def _proactive(self, snap: Snapshot) -> list[Decision]:
+        if self.prediction is None:
+            return []
+        split = self.split = self._target(snap)
+        current = (snap.count(Role.PREFILL), snap.count(Role.DECODE))
+        target = (split.num_prefill, split.num_decode)
+        if target == current:
+            self.asked = None
+            return []
+        grows = target[0] >= current[0] and target[1] >= current[1]
+        if not grows:
+            if self.asked != target or not self._can_shrink(snap, target):
+                self.asked = target
+                return []
+        self.asked = None
+        p = self.prediction
+        reason = (f"forecast {p.rate:.2f} req/s, ISL {p.mean_input_len:.0f}±{math.sqrt(p.var_input_len):.0f}, "
+                  f"OSL {p.mean_output_len:.0f}: {split.describe()}")
+        return plan_moves(snap, target[0], target[1], reason)
+
+    def _can_shrink(self, snap: Snapshot, target: tuple[int, int]) -> bool:
+        """Consolidation check: the roles that lose workers keep their current load with a margin."""
+        decoders = [w for w in snap.workers if w.alive and w.role == Role.DECODE]
+        if target[1] < len(decoders):
+            ccd = self.split.ccd if self.split else 1
+            running = sum(w.num_running for w in decoders)
+            kv_used = sum(w.kv_blocks_total - w.kv_blocks_free for w in decoders)
+            kv_left = sum(sorted((w.kv_blocks_total for w in decoders), reverse=True)[: target[1]])
+            if running > CONSOLIDATION_MARGIN * target[1] * ccd or kv_used > CONSOLIDATION_MARGIN * kv_left:
+                return False
+        if target[0] < snap.count(Role.PREFILL):
+            if self._queued_prefill_seconds(snap, target[0]) > CONSOLIDATION_MARGIN * self.cfg.emergency_queue * \
+                    self.slo.ttft:
+                return False
+        return True
+
+    # ---- the emergency path -------------------------------------------------------------------
+
+    def _queued_prefill_seconds(self, snap: Snapshot, num_prefill: int) -> float:
+        """How long the queued prompts would take the prefill workers (seconds each)."""
+        per_token = self.cost.prefill_b * self.prefill_correction.value
+        return snap.queued_prefill_tokens * per_token / max(1, num_prefill)
+
+    def _emergency(self, snap: Snapshot) -> list[Decision]:
+        if snap.now - self.last_emergency < EMERGENCY_COOLDOWN_S:
+            return []
+        num_p, num_d = snap.count(Role.PREFILL), snap.count(Role.DECODE)
+        idle = snap.count(Role.IDLE)
+        decoders = [w for w in snap.workers if w.alive and w.role == Role.DECODE]
+        queued = self._queued_prefill_seconds(snap, num_p)
+        kv = max((w.kv_usage for w in decoders), default=0.0)
+        target = None
+        if queued > self.cfg.emergency_queue * self.slo.ttft and (idle or num_d > 1 and self._decode_can_spare(snap)):
+            target = (num_p + 1, num_d if idle else num_d - 1)
+            reason = f"emergency: {queued:.2f} s of prefill queued per prefill worker"
+        elif (kv > self.cfg.emergency_kv or snap.handoff_queue > num_d) and (idle or num_p > 1 and queued == 0):
+            target = (num_p if idle else num_p - 1, num_d + 1)
+            reason = f"emergency: decode KV {kv:.0%} full, {snap.handoff_queue} handoffs waiting"
+        if target is None:
+            return []
+        self.last_emergency = snap.now
+        self.asked = None
+        return plan_moves(snap, target[0], target[1], reason)
+
+    def _decode_can_spare(self, snap: Snapshot) -> bool:
+        decoders = [w for w in snap.workers if w.alive and w.role == Role.DECODE]
+        p = self.prediction
+        ccd = decode_concurrency(self.cost, p.mean_input_len, p.mean_output_len or 1, self.slo.tpot) if p else 1
+        running = sum(w.num_running for w in decoders)
+        return running <= CONSOLIDATION_MARGIN * (len(decoders) - 1) * ccd
+
+    def long_prompt_len(self) -> float | None:
+        """Prompts at or above the forecast mean input length go to prefill at once (§5)."""
+        p = self.prediction
+        return p.mean_input_len if p is not None and p.mean_input_len > 0 else None
+
+    # ---- reporting ----------------------------------------------------------------------------
+
+    def _account(self, snap: Snapshot) -> None:
+        """GPU-seconds in use: the paper's claim is the SLOs met with fewer resources."""
+        busy = sum(1 for w in snap.workers if w.alive and w.role != Role.IDLE)
+        if self.last_time is not None:
+            self.gpu_seconds += busy * self.cost.num_gpus * (snap.now - self.last_time)
+        self.last_time = snap.now
+
+    def describe(self) -> dict:
+        p = self.prediction
+        s = self.split
+        return {
+            "name": self.name,
+            "forecast": None if p is None else {"rate": p.rate, "mean_input_len": p.mean_input_len,
+                                                "var_input_len": p.var_input_len,
+                                                "mean_output_len": p.mean_output_len},
+            "target": None if s is None else {"prefill": s.num_prefill, "decode": s.num_decode,
+                                              "idle": s.num_idle, "ccd": s.ccd, "ratio": s.ratio},
+            "corrections": {"prefill": self.prefill_correction.value, "decode": self.decode_correction.value},
+            "gpu_seconds": self.gpu_seconds,
+        }

@@ -1,0 +1,84 @@
+"""The resource monitor (DOPD §2): what the last interval looked like, as numbers the policy uses.
+
+Fed by the controller (or the simulator) with arrivals and finished requests; `close(now, ...)`
+ends the interval and returns its statistics. Pure: the caller passes the time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dopd.metrics import SLO, RequestRecord, meets, tpot
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalStats:
+    start: float
+    end: float
+    num_arrivals: int
+    arrival_rate: float  # req/s
+    mean_input_len: float  # of the arrivals
+    var_input_len: float
+    mean_output_len: float  # of the requests that finished (the last known value if none did)
+    num_finished: int
+    num_failed: int
+    ttft_p50: float | None
+    ttft_p90: float | None
+    tpot_p50: float | None
+    tpot_p90: float | None
+    attainment: float | None
+    queued_prefill_requests: int
+    handoff_queue: int
+    kv_usage: dict[int, float] = field(default_factory=dict)  # per worker
+    decode_batch: float = 0.0  # mean running requests per decode worker at the end
+
+
+@dataclass(slots=True)
+class ResourceMonitor:
+    slo: SLO
+    started: float = 0.0
+    _input_lens: list[int] = field(default_factory=list)
+    _max_tokens: list[int] = field(default_factory=list)
+    _finished: list[RequestRecord] = field(default_factory=list)
+    _last_output_len: float = 0.0
+
+    def on_arrival(self, input_len: int, max_tokens: int) -> None:
+        self._input_lens.append(input_len)
+        self._max_tokens.append(max_tokens)
+
+    def on_finish(self, record: RequestRecord) -> None:
+        self._finished.append(record)
+
+    def close(self, now: float, kv_usage: dict[int, float], decode_running: list[int],
+              queued_prefill_requests: int, handoff_queue: int) -> IntervalStats:
+        span = max(1e-9, now - self.started)
+        lens = np.asarray(self._input_lens, dtype=float)
+        done = self._finished
+        ok = [r for r in done if r.success]
+        ttfts = [r.ttft for r in ok if r.ttft is not None]
+        tpots = [tpot(r) for r in ok if r.output_len > 1]
+
+        def pct(values: list[float], q: float) -> float | None:
+            return float(np.percentile(values, q)) if values else None
+
+        # Output lengths are known when requests finish; until the first do, what they asked for.
+        if ok:
+            self._last_output_len = float(np.mean([r.output_len for r in ok]))
+        elif not self._last_output_len and self._max_tokens:
+            self._last_output_len = float(np.mean(self._max_tokens))
+        stats = IntervalStats(
+            start=self.started, end=now, num_arrivals=len(lens), arrival_rate=len(lens) / span,
+            mean_input_len=float(lens.mean()) if len(lens) else 0.0,
+            var_input_len=float(lens.var()) if len(lens) else 0.0,
+            mean_output_len=self._last_output_len,
+            num_finished=len(done), num_failed=len(done) - len(ok),
+            ttft_p50=pct(ttfts, 50), ttft_p90=pct(ttfts, 90), tpot_p50=pct(tpots, 50), tpot_p90=pct(tpots, 90),
+            attainment=sum(meets(r, self.slo) for r in done) / len(done) if done else None,
+            queued_prefill_requests=queued_prefill_requests, handoff_queue=handoff_queue, kv_usage=dict(kv_usage),
+            decode_batch=float(np.mean(decode_running)) if decode_running else 0.0,
+        )
+        self.started = now
+        self._input_lens, self._max_tokens, self._finished = [], [], []
+        return stats
