@@ -83,8 +83,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_pending_tokens, budget)
-            if not self.chunked_prefill and num_new < seq.num_pending_tokens:
+            pending = len(seq.token_ids) - seq.num_computed_tokens
+            num_new = pending if pending < budget else budget
+            if not self.chunked_prefill and num_new < pending:
                 break
             while not self._grow(seq, num_new):
                 victim = self.running.pop()  # the newest sequence gives way
@@ -119,9 +120,10 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, num_new: int) -> bool:
         """Give `seq` the blocks for `num_new` more tokens of KV, if they are free."""
-        need = blocks_needed(seq.num_computed_tokens + num_new, self.block_size) - len(seq.block_ids)
-        if need <= 0:
+        total = seq.num_computed_tokens + num_new
+        if total <= len(seq.block_ids) * self.block_size:  # the common case, checked cheaply
             return True
+        need = blocks_needed(total, self.block_size) - len(seq.block_ids)
         if not self.allocator.can_allocate(need):
             return False
         seq.block_ids.extend(self.allocator.allocate(need))
