@@ -128,7 +128,7 @@ class Api:
         body = await self._body(request, RolesBody)
         try:
             roles = {int(wid): Role.parse(role) for wid, role in body.roles.items()}
-            moves = self.controller.set_roles(roles, reason=body.reason)
+            moves = self.controller.set_roles(roles, reason=body.reason, migrate=body.migrate)
         except ValueError as e:
             raise ApiError(400, str(e), "roles") from None
         return _json({"moves": moves})

@@ -82,7 +82,7 @@ class Controller:
         self.ultra_short_len = ultra_short_len
         self.batcher = batcher
         self.transfer_time_per_token = transfer_time_per_token
-        self.resources = ResourceMonitor(telemetry.slo, time.monotonic())
+        self.resources = ResourceMonitor(telemetry.slo)  # on self.clock()
         self.last_moved: dict[int, float] = {}
         self.requests: dict[str, RequestState] = {}
         self.unplaced: deque[RequestState] = deque()  # no worker could take them yet
@@ -126,6 +126,10 @@ class Controller:
             w.state = WorkerState.DEAD
 
     # ---- requests in ----------------------------------------------------------------------------
+
+    def clock(self) -> float:
+        """Seconds since the controller started: the time base of the snapshot and the role log."""
+        return time.monotonic() - self.started_at
 
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -379,7 +383,7 @@ class Controller:
             current = self.moves[wid].target if wid in self.moves else w.role
             if role == current:
                 continue
-            move = RoleMove(w.id, w.role, role, reason, time.monotonic())
+            move = RoleMove(w.id, w.role, role, reason, self.clock())
             move.migrate = self._should_migrate(w) if migrate is None else migrate
             self.moves[wid] = move
             w.state = WorkerState.DRAINING
@@ -412,7 +416,7 @@ class Controller:
             if not old_work:
                 del self.moves[wid]
                 w.role, w.state = move.target, WorkerState.SERVING
-                record = move.finish(time.monotonic())
+                record = move.finish(self.clock())
                 self.last_moved[wid] = record["finished_at"]
                 self.move_log.append(record)
                 self.telemetry.role_changes.labels(move.source.name.lower(), move.target.name.lower()).inc()
@@ -449,7 +453,7 @@ class Controller:
                     closing = now >= next_interval
                     if closing:
                         next_interval = now + self.policy_interval
-                    self._apply(self.policy.decide(self.policy_snapshot(now, closing)))
+                    self._apply(self.policy.decide(self.policy_snapshot(self.clock(), closing)))
             except Exception:  # one bad tick must not stop the housekeeping for good
                 log.exception("housekeeping failed")
 

@@ -65,6 +65,8 @@ class ChatBody(_Sampling, kw_only=True):
 class RolesBody(msgspec.Struct):
     roles: dict[str, str]
     reason: str = "manual"
+    migrate: bool | None = None  # running decodes of a worker leaving decode: migrate (true), drain (false), or
+    # let the controller choose by cost (null)
 
 
 def message_text(message: ChatMessage) -> str:

@@ -35,7 +35,8 @@ class ServerProcess:
             raise RuntimeError(f"server did not start:\n{self.logs()}")
 
     def logs(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log.name).read_text()
 
     def get(self, path: str) -> dict:
@@ -66,4 +67,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.proc.stdout.close()
+        self.log.close()
         return self.proc.returncode

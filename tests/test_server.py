@@ -15,6 +15,7 @@ from serverproc import ServerProcess
 
 NUM_REQUESTS = 16
 NEW_TOKENS = 16
+LONG_TOKENS = 300  # long enough that a move lands while requests are decoding
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +29,21 @@ def texts() -> list[str]:
 def reference(llama_dir, texts) -> list[str]:
     tokenizer = load_tokenizer(llama_dir)
     tokens, _ = hf_greedy(llama_dir, [tokenizer.encode(t) for t in texts], NEW_TOKENS)
-    return [tokenizer.decode(t) for t in tokens]
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]  # as the server streams
 
 
-async def stream_all(url: str, model: str, texts: list[str]) -> list[str]:
+@pytest.fixture(scope="module")
+def long_reference(llama_dir, texts) -> list[str]:
+    tokenizer = load_tokenizer(llama_dir)
+    tokens, _ = hf_greedy(llama_dir, [tokenizer.encode(t) for t in texts], LONG_TOKENS)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]  # as the server streams
+
+
+async def stream_all(url: str, model: str, texts: list[str], max_tokens: int = NEW_TOKENS) -> list[str]:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
 
     async def one(text: str) -> str:
-        stream = await client.completions.create(model=model, prompt=text, max_tokens=NEW_TOKENS, temperature=0,
+        stream = await client.completions.create(model=model, prompt=text, max_tokens=max_tokens, temperature=0,
                                                  stream=True, extra_body={"ignore_eos": True})
         return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
 
@@ -95,21 +103,26 @@ def test_random_disconnects_leave_every_pool_whole(server3, texts):
         assert w["kv_blocks_free"] == w["kv_blocks_total"], snap
 
 
-def test_moving_workers_by_hand_under_load_changes_nothing(server3, llama_dir, texts, reference):
+def test_moving_workers_by_hand_under_load_changes_nothing(server3, llama_dir, texts, long_reference):
     async def run():
-        streams = asyncio.create_task(stream_all(server3.url, str(llama_dir), texts * 2))
-        await asyncio.sleep(0.5)
+        streams = asyncio.create_task(stream_all(server3.url, str(llama_dir), texts, LONG_TOKENS))
         async with aiohttp.ClientSession() as session:
+            while True:  # move once worker 2 is decoding something
+                async with session.get(server3.url + "/v1/cluster") as r:
+                    if (await r.json())["workers"][2]["num_running"] >= 2:
+                        break
+                await asyncio.sleep(0.02)
             # worker 0: prefill -> decode, worker 2: decode -> prefill (its running decodes migrate)
             async with session.post(server3.url + "/v1/cluster/roles",
-                                    json={"roles": {"0": "decode", "2": "prefill"}, "reason": "test"}) as r:
+                                    json={"roles": {"0": "decode", "2": "prefill"}, "reason": "test",
+                                          "migrate": True}) as r:
                 assert r.status == 200, await r.text()
                 moves = (await r.json())["moves"]
         return moves, await streams
 
     moves, got = asyncio.run(run())
     assert {(m["worker"], m["from"], m["to"]) for m in moves} == {(0, "prefill", "decode"), (2, "decode", "prefill")}
-    assert got == reference * 2
+    assert got == long_reference
     snap = server3.wait_idle()
     assert [w["role"] for w in snap["workers"]] == ["decode", "decode", "prefill"]
     done = {(m["worker"], m["to"]): m for m in snap["role_changes"]}
