@@ -41,6 +41,9 @@ log = logging.getLogger("dopd.controller")
 HOUSEKEEPING_INTERVAL = 0.05
 PING_INTERVAL = 1.0
 POLICY_TICK = 0.25  # how often the policy's emergency path looks
+HANG_TIMEOUT = 60.0  # a worker silent this long (no step result, no pong) is killed and replaced
+RESPAWN_TIMEOUT = 600.0
+RESPAWN_MAX_DELAY = 5.0
 
 
 class Overloaded(Exception):
@@ -105,6 +108,7 @@ class Controller:
             for peer in self.workers.values():
                 if peer is not w:
                     w.share_pool_with(peer)
+            w.last_heard = time.monotonic()
             w.attach(self._on_message, self._on_exit)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="dopd-housekeeping"))
 
@@ -311,6 +315,7 @@ class Controller:
             log.error("worker %d (pid %s) exited with code %s", w.id, w.pid, w.process.exitcode)
         self.moves.pop(w.id, None)
         self.pending_prefill_tokens[w.id] = 0
+        w.reserved_blocks = 0
         for st in list(self.requests.values()):
             if st.adopt_to == w.id:  # the puller died: the source may free its copy now
                 st.adopt_to = None
@@ -323,6 +328,32 @@ class Controller:
                     self._place(st)  # nothing was streamed yet: run it elsewhere
                 else:
                     self._end(st, "abort", error=f"worker {w.id} was lost")
+        if not self.closing:
+            self._tasks.append(asyncio.create_task(self._respawn(w), name=f"dopd-respawn-{w.id}"))
+
+    async def _respawn(self, w: WorkerHandle) -> None:
+        """Start a fresh process in the lost worker's slot and role; it rejoins once its pool is shared."""
+        w.restarts += 1
+        await asyncio.sleep(min(RESPAWN_MAX_DELAY, 0.25 * 2 ** (w.restarts - 1)))  # back off a crash loop
+        if self.closing:
+            return
+        try:
+            w.spawn()
+            await w.wait_ready(RESPAWN_TIMEOUT)
+        except Exception as e:
+            log.error("worker %d failed to restart: %s", w.id, e)
+            w.kill()
+            w.state = WorkerState.DEAD
+            self._tasks.append(asyncio.create_task(self._respawn(w), name=f"dopd-respawn-{w.id}"))
+            return
+        for peer in self.workers.values():
+            if peer is not w and peer.alive:
+                peer.share_pool_with(w)
+                w.share_pool_with(peer)
+        w.last_heard = time.monotonic()
+        w.attach(self._on_message, self._on_exit)
+        log.info("worker %d rejoined as %s (pid %s, restart %d)", w.id, w.role.name.lower(), w.pid, w.restarts)
+        self._retry_unplaced()
 
     # ---- endings --------------------------------------------------------------------------------
 
@@ -447,7 +478,13 @@ class Controller:
                 if now - last_ping >= PING_INTERVAL:
                     last_ping = now
                     for w in self.workers.values():
-                        w.send(Ping(now))
+                        if w.state == WorkerState.DEAD or w.state == WorkerState.STARTING:
+                            continue
+                        if now - w.last_heard > HANG_TIMEOUT:
+                            log.error("worker %d has not answered for %.0f s: replacing it", w.id, now - w.last_heard)
+                            w.kill()
+                        else:
+                            w.send(Ping(now))
                 if self.policy is not None and now - last_policy >= POLICY_TICK:
                     last_policy = now
                     closing = now >= next_interval
@@ -516,7 +553,7 @@ class Controller:
                 "state": w.state.name.lower(), "num_running": s.num_running, "num_waiting": s.num_waiting,
                 "num_parked": s.num_parked, "kv_blocks_total": s.kv_blocks_total, "kv_blocks_free": s.kv_blocks_free,
                 "step_time": s.step_time, "step_tokens": s.step_tokens,
-                "pending_prefill_tokens": self.pending_prefill_tokens[w.id],
+                "pending_prefill_tokens": self.pending_prefill_tokens[w.id], "restarts": w.restarts,
             })
         queues = {"unplaced": len(self.unplaced), "handoff": len(self.handoffs)}
         for role in Role:

@@ -36,9 +36,11 @@ class AttentionBatch:
 class TorchAttention:
     """Attention in plain torch over the block-major pool.
 
-    Reads and writes go through one contiguous 2-D view of the whole pool, `[rows, kv_heads * head_dim]`
-    with a row per (block, layer, k|v, slot), and precomputed row indices: advanced indexing on the
-    strided per-layer view would make torch copy the layer's whole cache on every call.
+    New keys and values are written row by row through one contiguous 2-D view of the pool
+    (a row per block, layer, k|v and slot). Reads gather whole blocks: per layer, the keys of every
+    block form a strided view `[num_blocks, block_size * kv_heads * head_dim]`, and `index_select`
+    of a sequence's block ids copies each block as one contiguous run — per-row gathers (or advanced
+    indexing on the strided view) are several times slower.
     """
 
     def __init__(self, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -46,71 +48,69 @@ class TorchAttention:
         self.scale = head_dim**-0.5
         self.gqa = num_heads != num_kv_heads
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.rows = pool.tensor.view(-1, num_kv_heads * head_dim)
-        self.num_layers = pool.tensor.shape[1]
-
-    def _rows(self, block_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Row of (block, slot offset) for layer 0's keys; layer l, k|v t adds `(2 l + t) * block_size`."""
-        return block_ids * (self.num_layers * 2 * self.pool.block_size) + offsets
+        t = pool.tensor
+        self.rows = t.view(-1, num_kv_heads * head_dim)
+        self.blocks = t.view(t.shape[0], t.shape[1] * 2, -1)  # [blocks, layer * 2 + k|v, slots * heads * dim]
+        self.num_layers = t.shape[1]
 
     def prepare(self, batch: AttentionBatch) -> None:
         device = self.pool.tensor.device
         bs = self.pool.block_size
         slots = batch.slot_mapping
-        self.write_rows = self._rows(torch.div(slots, bs, rounding_mode="floor"), slots % bs)
+        blocks = torch.div(slots, bs, rounding_mode="floor")
+        self.write_rows = blocks * (self.num_layers * 2 * bs) + slots % bs  # layer 0's keys
         n = self.num_decodes = batch.num_decodes
         if n:
             width = max(len(t) for t in batch.block_tables[:n])
-            tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables[:n]], device=device)
-            offsets = torch.arange(bs, device=device)
-            self.decode_rows = self._rows(tables[:, :, None], offsets).flatten()  # [n * width * bs]
+            tables = [t + [0] * (width - len(t)) for t in batch.block_tables[:n]]
+            self.decode_blocks = torch.tensor(tables, device=device).flatten()
             self.decode_width = width * bs
             kv_lens = torch.tensor(batch.kv_lens[:n], device=device)
             positions = torch.arange(width * bs, device=device)
             self.decode_mask = (positions[None, :] < kv_lens[:, None])[:, None, None, :]
-        # Prefills: (first query row, query length, rows of its cached KV or None, mask or None).
+        # Prefills: (first query row, query length, kv length, its blocks or None, mask or None).
         self.prefills = []
         start = n
         for q_len, kv_len, table in zip(batch.q_lens[n:], batch.kv_lens[n:], batch.block_tables[n:]):
-            rows = mask = None
+            ids = mask = None
             if kv_len != q_len:  # a chunk on top of cached tokens: read them back, bottom-right causal mask
+                ids = torch.tensor(table, device=device)
                 positions = torch.arange(kv_len, device=device)
-                blocks = torch.tensor(table, device=device)[torch.div(positions, bs, rounding_mode="floor")]
-                rows = self._rows(blocks, positions % bs)
                 query_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
                 mask = positions[None, :] <= query_pos
-            self.prefills.append((start, q_len, rows, mask))
+            self.prefills.append((start, q_len, kv_len, ids, mask))
             start += q_len
 
-    def _layer_rows(self, rows: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k_rows = rows + 2 * layer * self.pool.block_size
-        return k_rows, k_rows + self.pool.block_size
+    def _gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of these blocks, `[len(block_ids) * block_size, kv_heads, head_dim]` each."""
+        shape = (-1, self.num_kv_heads, self.head_dim)
+        keys = torch.index_select(self.blocks[:, 2 * layer], 0, block_ids).view(shape)
+        values = torch.index_select(self.blocks[:, 2 * layer + 1], 0, block_ids).view(shape)
+        return keys, values
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         model_dtype = q.dtype  # on CPU the pool (and attention) stay float32 under half-precision weights
         q, k, v = (x.to(self.rows.dtype) for x in (q, k, v))
-        k_rows, v_rows = self._layer_rows(self.write_rows, layer)
+        k_rows = self.write_rows + 2 * layer * self.pool.block_size
         self.rows.index_copy_(0, k_rows, k.reshape(k.shape[0], -1))
-        self.rows.index_copy_(0, v_rows, v.reshape(v.shape[0], -1))
+        self.rows.index_copy_(0, k_rows + self.pool.block_size, v.reshape(v.shape[0], -1))
         out = torch.empty_like(q)
         n = self.num_decodes
-        shape = (self.num_kv_heads, self.head_dim)
         if n:
-            k_rows, v_rows = self._layer_rows(self.decode_rows, layer)
-            keys = self.rows.index_select(0, k_rows).view(n, self.decode_width, *shape).transpose(1, 2)
-            values = self.rows.index_select(0, v_rows).view(n, self.decode_width, *shape).transpose(1, 2)
+            keys, values = self._gather(layer, self.decode_blocks)
+            keys = keys.view(n, self.decode_width, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            values = values.view(n, self.decode_width, self.num_kv_heads, self.head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q[:n].unsqueeze(2), keys, values, attn_mask=self.decode_mask, scale=self.scale, enable_gqa=self.gqa
             )
             out[:n] = o.squeeze(2)
-        for start, q_len, rows, mask in self.prefills:
+        for start, q_len, kv_len, ids, mask in self.prefills:
             span = slice(start, start + q_len)
-            if rows is None:  # a whole prompt: its keys are the ones just computed
+            if ids is None:  # a whole prompt: its keys are the ones just computed
                 keys, values = k[span], v[span]
             else:
-                k_rows, v_rows = self._layer_rows(rows, layer)
-                keys = self.rows.index_select(0, k_rows).view(-1, *shape)
-                values = self.rows.index_select(0, v_rows).view(-1, *shape)
+                keys, values = self._gather(layer, ids)
+                keys, values = keys[:kv_len], values[:kv_len]
             o = F.scaled_dot_product_attention(
                 q[span].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
                 values.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,

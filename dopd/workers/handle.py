@@ -50,12 +50,15 @@ class WorkerHandle:
         self.pool_bytes: bytes | None = None  # ... or, on CUDA, its pickled IPC handle
         self.reserved_blocks = 0  # promised to adoptions in flight
         self.last_heard = 0.0
+        self.restarts = 0
         self.process = None
         self.conn = None
 
     # ---- life cycle -----------------------------------------------------------------------------
 
     def spawn(self) -> None:
+        if self.conn is not None:  # a respawn: the old pipe goes with the old process
+            self.conn.close()
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=worker_main, args=(self.spec, child), name=f"dopd-worker-{self.id}",
