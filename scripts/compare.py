@@ -152,21 +152,19 @@ async def run_live(name: str, argv: list[str], sweep: list[tuple[float, list[Wor
 
 def simulator_inputs(argv: Sequence[str], slo: SLO | None = None) -> dict:
     """A system's server flags → simulate()'s arguments, parsed by dopd.config exactly as dopd.py parses them."""
+    import dataclasses
+
     from dopd.config import DopdConfig, add_arguments, from_args
-    from dopd.sim.costmodel import get_profile
-    from dopd.workers.mock import DEFAULT_PROFILE
+    from dopd.sim.simulator import sim_config
 
     flags = argparse.ArgumentParser(prog="dopd.py")
     add_arguments(flags, DopdConfig)
     flags.add_argument("--log-level")
     cfg = from_args(DopdConfig, {k: v for k, v in vars(flags.parse_args(list(argv))).items() if k != "log_level"})
-    cluster = cfg.cluster
-    cost = get_profile(cluster.model_profile or DEFAULT_PROFILE, cluster.hardware, cluster.tp)
-    num_workers = max(1, cluster.gpus // cost.num_gpus)  # as the mock engine: --gpus 8 --tp 2 is 4 workers
-    kwargs = {"cost": cost, "num_workers": num_workers, "policy": cluster.mode, "policy_cfg": cfg.policy}
-    if cluster.mode != "colocated":
-        kwargs["pd_ratio"] = cluster.split(num_workers)
-    return kwargs | ({"slo": slo} if slo is not None else {})
+    sim = sim_config(cfg)
+    if slo is not None:
+        sim = dataclasses.replace(sim, slo=slo)
+    return {f.name: getattr(sim, f.name) for f in dataclasses.fields(sim)}
 
 
 def run_simulated(argv: list[str], sweep: list[tuple[float, list[WorkloadRequest]]], slo: SLO | None) -> list[Run]:

@@ -46,7 +46,7 @@ class SimConfig:
     slo: SLO = SLO(1.5, 0.05)
     policy_cfg: PolicyConfig = field(default_factory=PolicyConfig)
     block_size: int = 16
-    max_num_seqs: int = 256
+    max_num_seqs: int = 128  # the server's defaults
     max_num_batched_tokens: int = 8192
     max_time: float = math.inf
 
@@ -399,6 +399,28 @@ class Simulator:
         summary = summarize(records, duration, self.cfg.slo, self.cfg.num_workers * self.cost.num_gpus)
         summary["gpu_seconds"] = self.gpu_seconds
         return SimResult(records, summary, self.timeline, self.role_changes, self.gpu_seconds)
+
+
+def sim_config(cfg) -> SimConfig:
+    """What the server would run with the mock engine under the same flags (a `DopdConfig`)."""
+    from dopd.sim.costmodel import get_link, get_profile
+    from dopd.workers.mock import DEFAULT_PROFILE
+
+    cluster = cfg.cluster
+    cost = get_profile(cluster.model_profile or DEFAULT_PROFILE, cluster.hardware, cluster.tp)
+    if cluster.link:
+        import dataclasses
+
+        cost = dataclasses.replace(cost, link=get_link(cluster.link, cluster.hardware))
+    if cluster.gpus % cost.num_gpus:
+        raise ValueError(f"--gpus {cluster.gpus} is not a multiple of the profile's {cost.num_gpus} GPUs per worker")
+    num_workers = cluster.gpus // cost.num_gpus
+    split = None if cluster.mode == "colocated" or num_workers == 1 else cluster.split(num_workers)
+    slo = SLO(cfg.server.slo_ttft or 1.5, cfg.server.slo_tpot or 0.05)
+    return SimConfig(cost=cost, num_workers=num_workers, policy=cluster.mode, pd_ratio=split, slo=slo,
+                     policy_cfg=cfg.policy, block_size=cfg.cache.block_size,
+                     max_num_seqs=cfg.scheduler.max_num_seqs,
+                     max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens or 8192)
 
 
 def simulate(requests: list[WorkloadRequest], cost: CostModel, num_workers: int, policy: str = "dopd",
