@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 
@@ -97,10 +96,12 @@ class Api:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if self.api_key is not None and request.path != "/health":
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {self.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                raise ApiError(401, "invalid or missing API key", kind="authentication_error")
+            # As bytes: a header that is not UTF-8 arrives with surrogate escapes, and must compare
+            # unequal, not raise. compare_digest on bytes of any lengths is constant in the content.
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                raise ApiError(401, "invalid or missing API key", kind="authentication_error",
+                               headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     # ---- simple routes --------------------------------------------------------------------------
@@ -151,8 +152,17 @@ class Api:
             raise ApiError(400, "best_of > 1 is not supported", "best_of")
         prompts = self._completion_prompts(body.prompt)
         params = self._params(body, body.max_tokens, body.logprobs)
+        for text, ids in prompts:  # all valid before any is submitted
+            self._check_length(text, ids, params)
         wakeup = asyncio.Event()
-        states = [self._submit("cmpl", text, ids, params, wakeup) for text, ids in prompts]
+        states = []
+        try:
+            for text, ids in prompts:
+                states.append(self._submit("cmpl", text, ids, params, wakeup))
+        except ApiError:  # over the limit part-way through a batch: none of it runs
+            for st in states:
+                self.controller.abort(st.request_id, "rejected with the rest of its batch")
+            raise
         render = _CompletionRender(self, states, body.logprobs is not None)
         return await self._respond(request, body, states, wakeup, render)
 
@@ -170,7 +180,8 @@ class Api:
         top = body.top_logprobs if body.logprobs else None
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        params = self._params(body, body.max_completion_tokens or body.max_tokens, (top or 0) if body.logprobs else None)
+        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        params = self._params(body, max_tokens, (top or 0) if body.logprobs else None)
         wakeup = asyncio.Event()
         states = [self._submit("chatcmpl", None, ids, params, wakeup)]
         render = _ChatRender(self, states, body.logprobs)
@@ -178,14 +189,14 @@ class Api:
 
     async def _body(self, request: web.Request, kind: type):
         raw = await request.read()
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from None
-        try:
-            return msgspec.convert(data, kind)
+        try:  # strict JSON: no NaN or Infinity, valid UTF-8 without lone surrogates
+            return msgspec.json.decode(raw, type=kind)
         except msgspec.ValidationError as e:
             raise ApiError(400, f"invalid request: {e}") from None
+        except msgspec.DecodeError as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
 
     def _check_common(self, body) -> None:
         if body.model is not None and body.model != self.model_name:
@@ -235,8 +246,7 @@ class Api:
                 out.append((None, list(item)))
         return out
 
-    def _submit(self, prefix: str, text: str | None, ids: list[int], params: SamplingParams,
-                wakeup: asyncio.Event) -> RequestState:
+    def _check_length(self, text: str | None, ids: list[int], params: SamplingParams) -> None:
         limit = self.controller.max_model_len
         if not ids or (text is not None and not text):
             raise ApiError(400, "prompt must not be empty", "prompt")
@@ -248,11 +258,18 @@ class Api:
             raise ApiError(400, f"this model's maximum context length is {limit} tokens; you asked for "
                                 f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} "
                                 "to generate)", "max_tokens")
+
+    def _submit(self, prefix: str, text: str | None, ids: list[int], params: SamplingParams,
+                wakeup: asyncio.Event) -> RequestState:
+        self._check_length(text, ids, params)
+        room = self.controller.max_model_len - len(ids)
         request = Request(self.controller.new_request_id(prefix), text, ids, params, params.max_tokens or room,
                           self.tokenizer)
         try:
             st = self.controller.submit(request)
         except Overloaded as e:
+            if self.controller.closing:  # not this server's load: it is going away
+                raise ApiError(503, str(e), kind="server_error", headers={"Retry-After": "1"}) from None
             raise ApiError(429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"}) from None
         st.wakeup = wakeup
         return st

@@ -150,9 +150,10 @@ class PolicyConfig:
     emergency_queue: float = _opt(0.5, "act at once when queued prefill work exceeds this share of the TTFT SLO")
     emergency_kv: float = _opt(0.9, "act at once when a decode worker's KV usage exceeds this")
     cooldown_intervals: float = _opt(1.0, "intervals a moved worker's samples stay out of the estimates")
-    ultra_short_len: int = _opt(64, "dopd: prompts this short are prefilled on a decode worker (0: never)")
-    short_batch_wait: float = _opt(0.05, "dopd: share of the TTFT SLO a short prompt may wait to be batched "
-                                   "(0: no batching)")
+    ultra_short_len: int = _opt(512, "dopd: prompts this short are prefilled on a decode worker with room, without "
+                                "a KV transfer (0: never; the paper's code uses 511)")
+    short_batch_wait: float = _opt(0.0, "dopd: share of the TTFT SLO a prompt shorter than the forecast mean "
+                                   "may wait to be batched with others (0: off; see README, it did not pay here)")
 
     def __post_init__(self) -> None:
         if self.interval <= 0:

@@ -16,6 +16,7 @@ this file only applies them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -24,13 +25,13 @@ from dataclasses import dataclass, field
 
 from dopd.kv.blocks import blocks_needed
 from dopd.messages import (
-    AbortRequest, AddRequest, Adopted, AdoptRequest, ExportRequest, Parked, Ping, Pong, ReleaseRequest, Role,
-    Shutdown, StepResult, WorkerError,
+    AbortRequest, AddRequest, Adopted, AdoptRequest, ExportRequest, Parked, Ping, Pong, ReleaseRequest,
+    ResumeRequest, Role, Shutdown, StepResult, WorkerError,
 )
 from dopd.metrics import RequestRecord
 from dopd.moves import RoleMove
 from dopd.policy import routing
-from dopd.policy.base import Decision, Snapshot, should_migrate
+from dopd.policy.base import Decision, Snapshot, queued_prefill_tokens, should_migrate
 from dopd.policy.resources import ResourceMonitor
 from dopd.request import Request, RequestStatus
 from dopd.telemetry import Telemetry
@@ -44,6 +45,8 @@ POLICY_TICK = 0.25  # how often the policy's emergency path looks
 HANG_TIMEOUT = 60.0  # a worker silent this long (no step result, no pong) is killed and replaced
 RESPAWN_TIMEOUT = 600.0
 RESPAWN_MAX_DELAY = 5.0
+MAX_REPLACEMENTS = 2  # a request whose worker dies before its first token is re-placed this many times
+POOL_SPARE = 0.02  # the share of a decode pool that routing keeps free (pick_decode_worker's watermark)
 
 
 class Overloaded(Exception):
@@ -58,10 +61,12 @@ class RequestState:
     worker: int | None = None  # whose pool holds the sequence
     parked: Parked | None = None  # set while its KV waits in `worker`'s pool for a decode worker
     adopt_to: int | None = None
+    adopt_blocks: int = 0  # blocks reserved on `adopt_to` for the pull in flight
     lease_deadline: float = 0.0
     parked_at: float = 0.0
     source_lost: bool = False  # the worker holding the KV died while a pull from it was in flight
     on_decode: bool = False  # `worker` decodes it (not a prefill-only placement)
+    num_replaced: int = 0  # times re-placed after losing its worker before its first token
 
     @property
     def request_id(self) -> str:
@@ -72,7 +77,8 @@ class Controller:
     def __init__(self, workers: list[WorkerHandle], tokenizer, max_model_len: int, telemetry: Telemetry,
                  request_timeout: float, handoff_timeout: float, max_num_requests: int, policy=None,
                  policy_interval: float = 10.0, ultra_short_len: int = 0,
-                 batcher: routing.ShortPromptBatcher | None = None, transfer_time_per_token: float = 0.0) -> None:
+                 batcher: routing.ShortPromptBatcher | None = None, transfer_time_per_token: float = 0.0,
+                 step_token_budget: int = 8192) -> None:
         self.workers = {w.id: w for w in workers}
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -85,6 +91,7 @@ class Controller:
         self.ultra_short_len = ultra_short_len
         self.batcher = batcher
         self.transfer_time_per_token = transfer_time_per_token
+        self.step_token_budget = step_token_budget  # a worker's tokens per step: what one step takes off its queue
         self.resources = ResourceMonitor(telemetry.slo)  # on self.clock()
         self.last_moved: dict[int, float] = {}
         self.requests: dict[str, RequestState] = {}
@@ -104,6 +111,13 @@ class Controller:
         for w in self.workers.values():
             w.spawn()
         await asyncio.gather(*(w.wait_ready(startup_timeout) for w in self.workers.values()))
+        # A request must fit in one worker's pool, less the share routing keeps free: one that does
+        # not would wait for blocks forever. Small pools (tests, --num-kv-blocks) lower the limit.
+        fit = max(1, int(min(w.num_blocks for w in self.workers.values()) * (1 - POOL_SPARE))) * self._block_size()
+        if fit < self.max_model_len:
+            log.warning("max model length lowered from %d to %d tokens: the smallest KV pool holds no more",
+                        self.max_model_len, fit)
+            self.max_model_len = fit
         for w in self.workers.values():
             for peer in self.workers.values():
                 if peer is not w:
@@ -123,10 +137,11 @@ class Controller:
         for task in self._tasks:
             task.cancel()
         for w in self.workers.values():
-            w.detach()
-            w.send(Shutdown())
+            w.send(Shutdown())  # queued behind the aborts, on the pipe the event loop still flushes
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, w.join, 5.0) for w in self.workers.values()))
         for w in self.workers.values():
-            await asyncio.get_running_loop().run_in_executor(None, w.join, 5.0)
+            w.detach()
             w.state = WorkerState.DEAD
 
     # ---- requests in ----------------------------------------------------------------------------
@@ -146,12 +161,18 @@ class Controller:
         st = RequestState(request, deadline=request.arrival_time + self.request_timeout)
         self.requests[request.request_id] = st
         n = request.num_prompt_tokens
-        self.resources.on_arrival(n, request.max_tokens)
+        if self.policy is not None:  # without one nothing closes the monitor's intervals: it would only grow
+            self.resources.on_arrival(n, request.max_tokens)
         long_len = getattr(self.policy, "long_prompt_len", lambda: None)()
-        if self.batcher is not None and long_len and self.ultra_short_len < n < long_len:
-            self._place_all(self.batcher.add(st, n, time.monotonic()))  # short: batched with others
-        else:
-            self._place(st)
+        try:
+            if self.batcher is not None and long_len and self.ultra_short_len < n < long_len:
+                batch = self.batcher.add(st, n, time.monotonic(), routing.prefill_idle(self.views()))
+                self._place_all(batch)  # short: batched with others
+            else:
+                self._place(st)
+        except Exception:  # not accepted after all: leave nothing behind to count against the limit
+            self._end(st, "abort", error="could not be placed")
+            raise
         return st
 
     def abort(self, request_id: str, reason: str) -> None:
@@ -174,13 +195,14 @@ class Controller:
             w.state != WorkerState.STARTING, moving=move is not None, num_running=s.num_running,
             num_waiting=s.num_waiting, num_parked=s.num_parked, kv_blocks_free=w.kv_blocks_available,
             kv_blocks_total=s.kv_blocks_total, pending_prefill_tokens=self.pending_prefill_tokens[w.id],
+            num_incoming=w.num_incoming,
         )
 
     def _place(self, st: RequestState, placement: routing.Placement | None = None) -> None:
         """Send a request that has no token yet to a worker that will prefill it."""
         req = st.request
         placement = placement or routing.place_prompt(self.views(), req.num_prompt_tokens, self.ultra_short_len,
-                                                      self._block_size())
+                                                      self._block_size(), self._admission())
         if placement is None:
             self.unplaced.append(st)
             return
@@ -267,8 +289,16 @@ class Controller:
             if st.request.finished or st.parked is None:
                 self.handoffs.popleft()
                 continue
+            home = self.workers[st.worker]
+            if self._view(home).accepts_decode:  # its worker decodes now (moving to decode): no copy needed
+                self.handoffs.popleft()
+                home.send(ResumeRequest(st.request_id))
+                st.parked, st.on_decode = None, True
+                st.request.status = RequestStatus.DECODING
+                continue
             need = blocks_needed(len(st.parked.token_ids), self._block_size())
-            target = routing.pick_decode_worker([v for v in self.views() if v.id != st.worker], need)
+            target = routing.pick_decode_worker([v for v in self.views() if v.id != st.worker], need,
+                                                admits=self._admission())
             if target is None:
                 return  # decode is full: the KV waits on the prefill worker (backpressure)
             self.handoffs.popleft()
@@ -278,7 +308,9 @@ class Controller:
                                st.worker, p.block_ids)
             if d.send(msg):
                 d.reserved_blocks += need
-                st.adopt_to, st.lease_deadline = target, time.monotonic() + self.handoff_timeout
+                d.num_incoming += 1
+                st.adopt_to, st.adopt_blocks = target, need
+                st.lease_deadline = time.monotonic() + self.handoff_timeout
             else:
                 self.handoffs.appendleft(st)
                 return
@@ -287,9 +319,10 @@ class Controller:
         st = self.requests.get(adopted.request_id)
         if st is None or st.adopt_to != d.id:
             return
-        need = blocks_needed(len(st.parked.token_ids), self._block_size())
-        d.reserved_blocks -= need
-        st.adopt_to = None
+        # Not from `st.parked`: it is gone if the source died while this pull was running.
+        d.reserved_blocks -= st.adopt_blocks
+        d.num_incoming -= 1
+        st.adopt_to, st.adopt_blocks = None, 0
         if not adopted.ok and not st.request.finished and not st.source_lost and adopted.error == "no free KV blocks":
             self.handoffs.appendleft(st)  # the decode worker filled up meanwhile: try again
             return
@@ -315,17 +348,23 @@ class Controller:
             log.error("worker %d (pid %s) exited with code %s", w.id, w.pid, w.process.exitcode)
         self.moves.pop(w.id, None)
         self.pending_prefill_tokens[w.id] = 0
-        w.reserved_blocks = 0
+        w.reserved_blocks = w.num_incoming = 0
         for st in list(self.requests.values()):
             if st.adopt_to == w.id:  # the puller died: the source may free its copy now
-                st.adopt_to = None
+                st.adopt_to, st.adopt_blocks = None, 0
                 self._end(st, "abort", error=f"decode worker {w.id} was lost during the KV handoff")
             elif st.worker == w.id:
                 st.worker, st.parked = None, None
                 if st.adopt_to is not None:
                     st.source_lost = True  # settled when the puller answers
-                elif st.request.num_output_tokens == 0 and not st.request.finished:
+                elif st.request.num_output_tokens == 0 and not st.request.finished \
+                        and st.num_replaced < MAX_REPLACEMENTS:
+                    st.num_replaced += 1
                     self._place(st)  # nothing was streamed yet: run it elsewhere
+                elif st.request.num_output_tokens == 0 and not st.request.finished:
+                    # Its workers keep dying under it: it may be what kills them. Not again.
+                    self._end(st, "abort", error=f"worker {w.id} was lost ({st.num_replaced + 1} workers lost "
+                                                 "under this request before its first token)")
                 else:
                     self._end(st, "abort", error=f"worker {w.id} was lost")
         if not self.closing:
@@ -385,7 +424,8 @@ class Controller:
             input_len=req.num_prompt_tokens, output_len=req.num_output_tokens, ttft=ttft if ok else None,
             itl=[], e2el=e2el, success=ok, error=req.error or "")
         self.telemetry.record(end, record)
-        self.resources.on_finish(record)
+        if self.policy is not None:
+            self.resources.on_finish(record, req.max_tokens)
         self._forget(st)
 
     def _forget(self, st: RequestState) -> None:
@@ -427,8 +467,10 @@ class Controller:
     def _should_migrate(self, w: WorkerHandle) -> bool:
         decoding = [st for st in self.requests.values() if st.worker == w.id and st.on_decode]
         remaining = [st.request.max_tokens - st.request.num_output_tokens for st in decoding]
-        kv_tokens = sum(st.request.num_prompt_tokens + st.request.num_output_tokens for st in decoding)
-        return should_migrate(remaining, w.stats.step_time, kv_tokens * self.transfer_time_per_token)
+        lengths = [st.request.num_prompt_tokens + st.request.num_output_tokens for st in decoding]
+        room = sum(v.kv_blocks_free for v in self.views() if v.id != w.id and v.accepts_decode)
+        need = sum(blocks_needed(n, self._block_size()) for n in lengths)
+        return should_migrate(remaining, w.stats.step_time, sum(lengths) * self.transfer_time_per_token, room, need)
 
     def _progress_moves(self) -> None:
         for wid, move in list(self.moves.items()):
@@ -505,12 +547,13 @@ class Controller:
         tokens, requests = self._queued_prefill()
         return Snapshot(now=now, workers=views, interval=interval, queued_prefill_tokens=tokens,
                         queued_prefill_requests=requests, handoff_queue=len(self.handoffs), moving=bool(self.moves),
-                        last_moved=dict(self.last_moved))
+                        last_moved=dict(self.last_moved), block_size=self._block_size())
 
     def _queued_prefill(self) -> tuple[int, int]:
         """Prompt tokens and requests that wait for a prefill: sent and not yet done, or held here."""
         held = list(self.unplaced) + (self.batcher.items if self.batcher is not None else [])
-        tokens = sum(self.pending_prefill_tokens.values()) + sum(st.request.num_prompt_tokens for st in held)
+        tokens = queued_prefill_tokens(list(self.pending_prefill_tokens.values()), self.step_token_budget,
+                                       sum(st.request.num_prompt_tokens for st in held))
         waiting = sum(w.stats.num_waiting for w in self.workers.values() if w.alive and w.role != Role.DECODE)
         return tokens, waiting + len(held)
 
@@ -520,6 +563,11 @@ class Controller:
                 self.set_roles({d.worker_id: d.role}, d.reason)
             except ValueError as e:  # a stale decision (a worker died meanwhile): skip it, say why
                 log.warning("policy decision %s skipped: %s", d, e)
+
+    def _admission(self) -> routing.Admission | None:
+        """The policy's decode admission check, if it has one (dopd's: the step stays within TPOT)."""
+        admits = getattr(self.policy, "admits", None)
+        return None if admits is None else functools.partial(admits, block_size=self._block_size())
 
     def _block_size(self) -> int:
         return next(iter(self.workers.values())).block_size

@@ -12,7 +12,7 @@ import time
 
 from dopd.kv.blocks import BlockAllocator, blocks_needed
 from dopd.messages import (
-    AbortRequest, AddRequest, Adopted, AdoptRequest, ExportRequest, Parked, ReleaseRequest, StepResult,
+    AbortRequest, AddRequest, Adopted, AdoptRequest, ExportRequest, Parked, ReleaseRequest, ResumeRequest, StepResult,
     TokenOutput, WorkerStats,
 )
 from dopd.scheduler import Scheduler
@@ -30,6 +30,9 @@ class EngineCore:
         self._adopted: list[Adopted] = []
         self._aborted: list[str] = []
         self._last_step = (0.0, 0, 0)
+        # The last step could schedule nothing (every waiting sequence needs blocks that are not
+        # free) and changed nothing: only a message (a release, an abort) can unblock it.
+        self.stalled = False
 
     # ---- messages --------------------------------------------------------------------------------
 
@@ -86,6 +89,7 @@ class EngineCore:
     def step(self) -> StepResult:
         outputs: list[TokenOutput] = []
         batch = self.scheduler.schedule()
+        self.stalled = not batch.seqs and not batch.num_preempted
         started = time.perf_counter()
         num_prefill = 0
         if batch.seqs:
@@ -109,6 +113,14 @@ class EngineCore:
         self._parked, self._adopted, self._aborted = [], [], []
         return result
 
+    def take_events(self) -> StepResult | None:
+        """What handling messages produced (adoptions, parkings, aborts), to send before the next step."""
+        if not (self._parked or self._adopted or self._aborted):
+            return None
+        result = StepResult([], self._parked, self._adopted, self._aborted, self.stats())
+        self._parked, self._adopted, self._aborted = [], [], []
+        return result
+
     def stats(self) -> WorkerStats:
         s = self.scheduler
         step_time, step_tokens, num_prefill = self._last_step
@@ -127,5 +139,7 @@ class EngineCore:
             self.abort(msg)
         elif isinstance(msg, ExportRequest):
             self.export(msg)
+        elif isinstance(msg, ResumeRequest):
+            self.scheduler.resume(msg.request_id)
         else:
             raise TypeError(f"engine cannot handle {type(msg).__name__}")

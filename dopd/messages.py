@@ -69,6 +69,12 @@ class AbortRequest(msgspec.Struct, tag=True, array_like=True):
     request_id: str
 
 
+class ResumeRequest(msgspec.Struct, tag=True, array_like=True):
+    """Decode a parked request right here: its worker now decodes, so its KV need not move."""
+
+    request_id: str
+
+
 class ExportRequest(msgspec.Struct, tag=True, array_like=True):
     """Stop decoding a request and park its KV so that another worker can adopt it."""
 
@@ -83,7 +89,8 @@ class Ping(msgspec.Struct, tag=True, array_like=True):
     sent_at: float
 
 
-ToWorker = AddRequest | AdoptRequest | ReleaseRequest | AbortRequest | ExportRequest | Shutdown | Ping
+ToWorker = (AddRequest | AdoptRequest | ReleaseRequest | AbortRequest | ExportRequest | ResumeRequest | Shutdown
+            | Ping)
 
 
 # ---- worker → controller -------------------------------------------------------------------------

@@ -16,7 +16,10 @@ def _post(summary: str, ref: str) -> dict:
         "summary": summary,
         "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}},
         "responses": {"200": {"description": "the result (JSON, or an SSE stream when stream is true)"},
-                      "400": _ERROR, "401": _ERROR, "429": _ERROR},
+                      "400": _ERROR, "401": _ERROR, "413": _ERROR, "429": _ERROR,
+                      "500": {**_ERROR, "description": "the request failed on our side (a worker was lost, a KV "
+                              "handoff or the request timed out); in a stream this is an error event"},
+                      "503": {**_ERROR, "description": "the server is shutting down"}},
     }}
 
 

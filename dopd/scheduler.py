@@ -150,6 +150,15 @@ class Scheduler:
         seq.status = SeqStatus.PARKED
         self.parked[seq.request_id] = seq
 
+    def resume(self, request_id: str) -> Sequence | None:
+        """Schedule a parked sequence again, here, with the blocks it has."""
+        seq = self.parked.pop(request_id, None)
+        if seq is not None:
+            seq.hand_off = False
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+        return seq
+
     def release(self, request_id: str) -> Sequence | None:
         """Free a parked sequence's blocks (its handoff completed or was abandoned)."""
         seq = self.parked.pop(request_id, None)

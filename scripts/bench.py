@@ -35,7 +35,8 @@ import aiohttp
 import msgspec
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"]  # see scripts/profile.py
 
 from dopd.metrics import (DEFAULT_SLO_SCALES, SLO, RequestRecord, encode_records, format_table,  # noqa: E402
                           interpolate_goodput, min_slo_scale, slo_scale_curve, summarize)

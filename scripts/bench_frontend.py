@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"]  # see scripts/profile.py
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dopd.sim.costmodel import CostModel, Link  # noqa: E402

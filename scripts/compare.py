@@ -32,11 +32,11 @@ from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"]  # see scripts/profile.py
 
-import bench  # noqa: E402
-import plot  # noqa: E402
+from scripts import bench  # noqa: E402
+from scripts import plot  # noqa: E402
 from dopd.metrics import SLO, RequestRecord, encode_records  # noqa: E402
 from dopd.workload import WorkloadRequest, describe  # noqa: E402
 

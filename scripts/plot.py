@@ -24,7 +24,8 @@ matplotlib.use("Agg")  # files only: no display on a server, and no GUI toolkit 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"]  # see scripts/profile.py
 
 from dopd.metrics import RequestRecord, decode_records, tpot  # noqa: E402
 

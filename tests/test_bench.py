@@ -7,21 +7,16 @@ import contextlib
 import functools
 import json
 import math
-import sys
-from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import bench  # noqa: E402
-import compare  # noqa: E402
-from dopd.metrics import decode_records  # noqa: E402
-from dopd.workload import WorkloadRequest  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402
+from dopd.metrics import decode_records
+from dopd.workload import WorkloadRequest
+from scripts import bench, compare
+from serverproc import ServerProcess
 
 DELAYS = [0.15, 0.04, 0.04, 0.04, 0.04]  # before each of the K content chunks
 K = len(DELAYS)

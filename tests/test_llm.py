@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import hf_greedy, make_checkpoint
+from conftest import hf_greedy
 from dopd import LLM, SamplingParams
 from dopd.embedded import resolve_model
 

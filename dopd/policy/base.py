@@ -28,6 +28,7 @@ class Snapshot:
     handoff_queue: int  # prefilled requests waiting for decode capacity
     moving: bool  # a role move is still under way
     last_moved: dict[int, float] = field(default_factory=dict)  # worker id -> when its last move finished
+    block_size: int = 16  # tokens per KV block
 
     def count(self, role: Role) -> int:
         return sum(1 for w in self.workers if w.alive and w.role == role)
@@ -38,6 +39,12 @@ class Decision:
     worker_id: int
     role: Role
     reason: str
+
+
+def queued_prefill_tokens(pending: list[int], step_budget: int, held: int = 0) -> int:
+    """Prompt tokens that wait for a prefill step: what each prefill worker has beyond the step it is
+    running (its token budget), plus prompts not sent to any worker yet (`held`)."""
+    return held + sum(max(0, p - step_budget) for p in pending)
 
 
 def plan_moves(snapshot: Snapshot, num_prefill: int, num_decode: int, reason: str) -> list[Decision]:
@@ -70,10 +77,13 @@ def _load(w: WorkerView) -> tuple[int, int]:
     return (w.num_running + w.num_waiting + w.num_parked, w.pending_prefill_tokens)
 
 
-def should_migrate(remaining_tokens: list[int], step_time: float, transfer_time: float) -> bool:
+def should_migrate(remaining_tokens: list[int], step_time: float, transfer_time: float,
+                   room_blocks: int | None = None, need_blocks: int = 0) -> bool:
     """Migrate a decode worker's requests rather than let them finish, when finishing would hold
-    the worker more than a few times longer than moving their KV (both in seconds)."""
-    if not remaining_tokens:
+    the worker more than a few times longer than moving their KV (both in seconds) — and the other
+    decode workers have the blocks to take them (`room_blocks` free for `need_blocks`): a migration
+    with nowhere to go would park them instead of letting them run."""
+    if not remaining_tokens or (room_blocks is not None and room_blocks < 1.2 * need_blocks):
         return False
     drain_time = max(remaining_tokens) * step_time
     return drain_time > 4 * (transfer_time + step_time)

@@ -21,10 +21,12 @@ from dopd.metrics import SLO
 from dopd.policy.base import Decision, PolicyConfig, Snapshot, plan_moves
 from dopd.policy.forecast import CorrectionFactor, LoadForecast
 from dopd.policy.ratio import Split, decode_concurrency, expected_prefill_cost, mean_context, optimal_split
+from dopd.policy.routing import WorkerView
 from dopd.sim.costmodel import CostModel
 
 EMERGENCY_COOLDOWN_S = 2.0
 CONSOLIDATION_MARGIN = 0.8  # a shrinking role must fit its current load in this share of what remains
+CLEAR_MARGIN = 0.5  # ... and if it fits in this share, the shrink needs no second confirmation
 
 
 class DopdPolicy:
@@ -90,9 +92,12 @@ class DopdPolicy:
             self.asked = None
             return []
         grows = target[0] >= current[0] and target[1] >= current[1]
-        if not grows:
-            if self.asked != target or not self._can_shrink(snap, target):
-                self.asked = target
+        # A role that shrinks must be able to hold what it has with the workers it keeps; unless it
+        # plainly can (under half its limits), the same target must be asked for twice running.
+        if not grows and not self._can_shrink(snap, target, CLEAR_MARGIN):
+            confirmed = self.asked == target
+            self.asked = target
+            if not confirmed or not self._can_shrink(snap, target, CONSOLIDATION_MARGIN):
                 return []
         self.asked = None
         p = self.prediction
@@ -100,20 +105,15 @@ class DopdPolicy:
                   f"OSL {p.mean_output_len:.0f}: {split.describe()}")
         return plan_moves(snap, target[0], target[1], reason)
 
-    def _can_shrink(self, snap: Snapshot, target: tuple[int, int]) -> bool:
-        """Consolidation check: the roles that lose workers keep their current load with a margin."""
-        decoders = [w for w in snap.workers if w.alive and w.role == Role.DECODE]
-        if target[1] < len(decoders):
-            ccd = self.split.ccd if self.split else 1
-            running = sum(w.num_running for w in decoders)
-            kv_used = sum(w.kv_blocks_total - w.kv_blocks_free for w in decoders)
-            kv_left = sum(sorted((w.kv_blocks_total for w in decoders), reverse=True)[: target[1]])
-            if running > CONSOLIDATION_MARGIN * target[1] * ccd or kv_used > CONSOLIDATION_MARGIN * kv_left:
-                return False
-        if target[0] < snap.count(Role.PREFILL):
-            if self._queued_prefill_seconds(snap, target[0]) > CONSOLIDATION_MARGIN * self.cfg.emergency_queue * \
-                    self.slo.ttft:
-                return False
+    def _can_shrink(self, snap: Snapshot, target: tuple[int, int], margin: float) -> bool:
+        """Consolidation check: a role that loses workers must keep what it has now — its queue and
+        its running and waiting requests — within `margin` of its limits with the workers it keeps
+        (so a scale-down is never undone by the next emergency: no 2↔1 flapping)."""
+        if target[1] < snap.count(Role.DECODE) and self._decode_pressure(snap, target[1]) > margin:
+            return False
+        budget = self.cfg.emergency_queue * self.slo.ttft
+        if target[0] < snap.count(Role.PREFILL) and self._queued_prefill_seconds(snap, target[0]) > margin * budget:
+            return False
         return True
 
     # ---- the emergency path -------------------------------------------------------------------
@@ -124,32 +124,67 @@ class DopdPolicy:
         return snap.queued_prefill_tokens * per_token / max(1, num_prefill)
 
     def _emergency(self, snap: Snapshot) -> list[Decision]:
+        """One worker, at once, to the role that is past its limit, from a role that can spare it.
+
+        Prefill pressure: the queued prompt work per prefill worker as a share of the emergency budget
+        (a share of the TTFT SLO). Decode pressure: the requests decoding or waiting to decode per
+        decode worker as a share of what one holds within the TPOT SLO, or its KV occupancy as a
+        share of the emergency threshold. The worker comes from the idle ones first, else from the
+        other role if that stays under its limit with one worker fewer.
+        """
         if snap.now - self.last_emergency < EMERGENCY_COOLDOWN_S:
             return []
         num_p, num_d = snap.count(Role.PREFILL), snap.count(Role.DECODE)
         idle = snap.count(Role.IDLE)
-        decoders = [w for w in snap.workers if w.alive and w.role == Role.DECODE]
-        queued = self._queued_prefill_seconds(snap, num_p)
-        kv = max((w.kv_usage for w in decoders), default=0.0)
+        budget = self.cfg.emergency_queue * self.slo.ttft
+        prefill = self._queued_prefill_seconds(snap, num_p) / budget
+        decode = self._decode_pressure(snap, num_d)
         target = None
-        if queued > self.cfg.emergency_queue * self.slo.ttft and (idle or num_d > 1 and self._decode_can_spare(snap)):
+        # Prefilled requests waiting for decode room hold their prefill workers' KV: then decode is
+        # the bottleneck, whatever queue builds up behind it on the prefill side.
+        decode_bound = snap.handoff_queue > num_d and decode > 1
+        if prefill > 1 and prefill >= decode and not decode_bound and \
+                (idle or num_d > 1 and self._decode_pressure(snap, num_d - 1) < 1):
             target = (num_p + 1, num_d if idle else num_d - 1)
-            reason = f"emergency: {queued:.2f} s of prefill queued per prefill worker"
-        elif (kv > self.cfg.emergency_kv or snap.handoff_queue > num_d) and (idle or num_p > 1 and queued == 0):
+        elif decode > 1 and (idle or num_p > 1 and (decode_bound or
+                                                    self._queued_prefill_seconds(snap, num_p - 1) < budget)):
             target = (num_p if idle else num_p - 1, num_d + 1)
-            reason = f"emergency: decode KV {kv:.0%} full, {snap.handoff_queue} handoffs waiting"
         if target is None:
             return []
         self.last_emergency = snap.now
         self.asked = None
+        reason = (f"emergency: prefill at {prefill:.0%} of its queue budget, decode at {decode:.0%} of its "
+                  f"capacity, {snap.handoff_queue} handoffs waiting")
         return plan_moves(snap, target[0], target[1], reason)
 
-    def _decode_can_spare(self, snap: Snapshot) -> bool:
+    def _decode_pressure(self, snap: Snapshot, num_decode: int) -> float:
+        """Decode load as a share of what `num_decode` workers hold within the TPOT SLO and the KV limit.
+
+        Capacity is judged on what is there now: the mean context of the requests decoding (from
+        their KV), not the forecast lengths, which may belong to the next phase already."""
         decoders = [w for w in snap.workers if w.alive and w.role == Role.DECODE]
-        p = self.prediction
-        ccd = decode_concurrency(self.cost, p.mean_input_len, p.mean_output_len or 1, self.slo.tpot) if p else 1
-        running = sum(w.num_running for w in decoders)
-        return running <= CONSOLIDATION_MARGIN * (len(decoders) - 1) * ccd
+        if num_decode < 1:
+            return float("inf")
+        requests = sum(w.num_running + w.num_waiting + w.num_incoming for w in decoders) + snap.handoff_queue
+        used = sum(w.kv_blocks_total - w.kv_blocks_free for w in decoders)
+        total = sum(w.kv_blocks_total for w in decoders) / max(1, len(decoders)) * num_decode
+        context = used * snap.block_size / max(1, requests)
+        ccd = decode_concurrency(self.cost.scaled(decode=self.decode_correction.value), max(1.0, context), 0.0,
+                                 self.slo.tpot)
+        return max(requests / (num_decode * ccd), used / (self.cfg.emergency_kv * total) if total else 0.0)
+
+    def admits(self, worker: WorkerView, blocks: int, block_size: int) -> bool:
+        """Routing's admission check: may this decode worker take a request of `blocks` KV blocks?
+
+        Yes while its next decode step, with the request added, is predicted to stay within the TPOT
+        SLO (measured by the KV it holds, not by a request count: contexts differ), and always when
+        it runs nothing (a lone request must go somewhere)."""
+        batch = worker.num_running + worker.num_incoming
+        if batch == 0:
+            return True
+        context = (worker.kv_blocks_total - worker.kv_blocks_free + blocks) * block_size
+        step = self.cost.scaled(decode=self.decode_correction.value).decode_time(batch + 1, context)
+        return step <= self.slo.tpot
 
     def long_prompt_len(self) -> float | None:
         """Prompts at or above the forecast mean input length go to prefill at once (§5)."""

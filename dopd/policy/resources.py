@@ -21,7 +21,7 @@ class IntervalStats:
     arrival_rate: float  # req/s
     mean_input_len: float  # of the arrivals
     var_input_len: float
-    mean_output_len: float  # of the requests that finished (the last known value if none did)
+    mean_output_len: float  # estimated for the arrivals (see `close`)
     num_finished: int
     num_failed: int
     ttft_p50: float | None
@@ -42,14 +42,19 @@ class ResourceMonitor:
     _input_lens: list[int] = field(default_factory=list)
     _max_tokens: list[int] = field(default_factory=list)
     _finished: list[RequestRecord] = field(default_factory=list)
+    _finished_max_tokens: list[int] = field(default_factory=list)
+    _output_share: float = 1.0  # output length / max_tokens of finished requests (EWMA)
     _last_output_len: float = 0.0
 
     def on_arrival(self, input_len: int, max_tokens: int) -> None:
         self._input_lens.append(input_len)
         self._max_tokens.append(max_tokens)
 
-    def on_finish(self, record: RequestRecord) -> None:
+    def on_finish(self, record: RequestRecord, max_tokens: int = 0) -> None:
         self._finished.append(record)
+        if record.success and max_tokens > 0:
+            self._finished_max_tokens.append(max_tokens)
+            self._output_share += 0.05 * (min(1.0, record.output_len / max_tokens) - self._output_share)
 
     def close(self, now: float, kv_usage: dict[int, float], decode_running: list[int],
               queued_prefill_requests: int, handoff_queue: int) -> IntervalStats:
@@ -63,11 +68,13 @@ class ResourceMonitor:
         def pct(values: list[float], q: float) -> float | None:
             return float(np.percentile(values, q)) if values else None
 
-        # Output lengths are known when requests finish; until the first do, what they asked for.
-        if ok:
+        # A request's output length is known when it finishes, a request lifetime after it arrived:
+        # a forecast from finished requests lags a shift by that long. So the arrivals' max_tokens,
+        # scaled by how much of max_tokens finished requests used, stand for the interval's output.
+        if self._max_tokens:
+            self._last_output_len = float(np.mean(self._max_tokens)) * self._output_share
+        elif ok:
             self._last_output_len = float(np.mean([r.output_len for r in ok]))
-        elif not self._last_output_len and self._max_tokens:
-            self._last_output_len = float(np.mean(self._max_tokens))
         stats = IntervalStats(
             start=self.started, end=now, num_arrivals=len(lens), arrival_rate=len(lens) / span,
             mean_input_len=float(lens.mean()) if len(lens) else 0.0,
@@ -80,5 +87,5 @@ class ResourceMonitor:
             decode_batch=float(np.mean(decode_running)) if decode_running else 0.0,
         )
         self.started = now
-        self._input_lens, self._max_tokens, self._finished = [], [], []
+        self._input_lens, self._max_tokens, self._finished, self._finished_max_tokens = [], [], [], []
         return stats

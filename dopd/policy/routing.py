@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dopd.messages import Role
@@ -28,6 +29,7 @@ class WorkerView:
     kv_blocks_free: int  # net of blocks promised to adoptions in flight
     kv_blocks_total: int
     pending_prefill_tokens: int  # prompt tokens sent to it and not yet prefilled
+    num_incoming: int = 0  # KV handoffs into it in flight
 
     @property
     def accepts_prefill(self) -> bool:
@@ -50,15 +52,24 @@ def pick_prefill_worker(workers: list[WorkerView]) -> int | None:
     return min(candidates, key=lambda w: (w.pending_prefill_tokens, w.num_waiting + w.num_running, w.id)).id
 
 
-def pick_decode_worker(workers: list[WorkerView], blocks_needed: int, watermark: float = 0.02) -> int | None:
+Admission = Callable[[WorkerView, int], bool]  # (decode worker, blocks of the request) -> may it take it?
+
+
+def pick_decode_worker(workers: list[WorkerView], blocks_needed: int, watermark: float = 0.02,
+                       admits: Admission | None = None) -> int | None:
     """The decode-capable worker with the most headroom that has room for `blocks_needed` blocks.
 
     The watermark keeps a little of every pool free for the running sequences' next blocks, so a
-    decode worker is not filled to the point of preempting its own requests.
+    decode worker is not filled to the point of preempting its own requests. `admits` (the policy's
+    check that the worker's next decode step stays within the TPOT SLO with the request added)
+    keeps a worker from taking more than it can decode in time: a prefilled request then waits on
+    its prefill worker, which costs it one longer gap between its first two tokens instead of
+    slowing every token of every request on the decode worker.
     """
     candidates = [
         w for w in workers
         if w.accepts_decode and w.kv_blocks_free - blocks_needed >= watermark * w.kv_blocks_total
+        and (admits is None or admits(w, blocks_needed))
     ]
     if not candidates:
         return None
@@ -82,19 +93,20 @@ class Placement:
 
 
 def place_prompt(workers: list[WorkerView], num_tokens: int, ultra_short_len: int = 0,
-                 block_size: int = 16) -> Placement | None:
+                 block_size: int = 16, admits: Admission | None = None) -> Placement | None:
     """A new prompt's placement, or None when no worker can take it now.
 
     Disaggregated: a prefill worker, except an ultra-short prompt (≤ `ultra_short_len` tokens),
-    which the least-loaded decode worker prefills itself when it has nothing waiting — the KV
-    transfer would cost about as much as the prefill. Without prefill workers: a mixed worker.
+    which the least-loaded decode worker prefills itself when it has nothing waiting and `admits`
+    it — the KV transfer would cost about as much as the prefill. Without prefill workers: a mixed
+    worker.
     """
     if not any(w.accepts_prefill and w.role == Role.PREFILL for w in workers):
         target = pick_mixed_worker(workers)
         return None if target is None else Placement(target, hand_off=False)
     if 0 < num_tokens <= ultra_short_len:
         local = [w for w in workers if w.accepts_decode and w.num_waiting == 0]
-        target = pick_decode_worker(local, -(-num_tokens // block_size) + 1)
+        target = pick_decode_worker(local, -(-num_tokens // block_size) + 1, admits=admits)
         if target is not None:
             return Placement(target, hand_off=False)
     target = pick_prefill_worker(workers)
@@ -102,6 +114,11 @@ def place_prompt(workers: list[WorkerView], num_tokens: int, ultra_short_len: in
         return None
     role = next(w.role for w in workers if w.id == target)
     return Placement(target, hand_off=role == Role.PREFILL)
+
+
+def prefill_idle(workers: list[WorkerView]) -> bool:
+    """Some prefill worker has nothing to prefill."""
+    return any(w.accepts_prefill and w.role == Role.PREFILL and w.pending_prefill_tokens == 0 for w in workers)
 
 
 class ShortPromptBatcher:
@@ -115,13 +132,16 @@ class ShortPromptBatcher:
         self.num_tokens = 0
         self.oldest: float | None = None
 
-    def add(self, item, num_tokens: int, now: float) -> list:
-        """Queue a short prompt; returns the batch to send if this one completes it (else [])."""
+    def add(self, item, num_tokens: int, now: float, prefill_idle: bool = False) -> list:
+        """Queue a short prompt; returns the batch to send if this one completes it (else []).
+
+        With a prefill worker idle, waiting gains nothing: the batch goes at once. The wait only
+        ever overlaps the step the prefill workers are busy with anyway."""
         self.items.append(item)
         self.num_tokens += num_tokens
         if self.oldest is None:
             self.oldest = now
-        return self.flush() if self.num_tokens >= self.max_tokens else []
+        return self.flush() if self.num_tokens >= self.max_tokens or prefill_idle else []
 
     def due(self, now: float) -> list:
         """The batch to send because its oldest prompt has waited long enough (else [])."""

@@ -11,7 +11,6 @@ no hysteresis, no length-aware routing. Applied every interval, not while a move
 
 from __future__ import annotations
 
-import math
 
 from dopd.messages import Role
 from dopd.metrics import SLO

@@ -12,6 +12,7 @@ the destination's blocks are held, as in the server.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -23,7 +24,7 @@ from dopd.messages import Role
 from dopd.metrics import SLO, RequestRecord, summarize
 from dopd.moves import RoleMove
 from dopd.policy import routing
-from dopd.policy.base import Snapshot, make_policy, should_migrate
+from dopd.policy.base import Snapshot, make_policy, queued_prefill_tokens, should_migrate
 from dopd.policy.resources import ResourceMonitor
 from dopd.sampling_params import SamplingParams
 from dopd.scheduler import ScheduledBatch, Scheduler
@@ -177,13 +178,13 @@ class Simulator:
         self.monitor.on_arrival(r.input_len, r.output_len)
         long_len = getattr(self.policy, "long_prompt_len", lambda: None)()
         if self.batcher is not None and long_len and self.ultra_short_len < r.input_len < long_len:
-            self._place_all(self.batcher.add(r, r.input_len, self.now))
+            self._place_all(self.batcher.add(r, r.input_len, self.now, routing.prefill_idle(self._views())))
         else:
             self._place(r)
 
     def _place(self, r: SimRequest, placement: routing.Placement | None = None) -> None:
         placement = placement or routing.place_prompt(self._views(), r.input_len, self.ultra_short_len,
-                                                      self.cfg.block_size)
+                                                      self.cfg.block_size, self._admission())
         if placement is None:
             self.unplaced.append(r)
             return
@@ -287,7 +288,7 @@ class Simulator:
                                output_len=r.output_len, ttft=r.first_token - r.arrival, itl=[],
                                e2el=self.now - r.arrival, success=True)
         self.records.append(record)
-        self.monitor.on_finish(record)
+        self.monitor.on_finish(record, r.output_len)
         return 1
 
     # ---- KV handoff ---------------------------------------------------------------------------
@@ -295,8 +296,17 @@ class Simulator:
     def _drain_handoffs(self) -> None:
         while self.handoffs:
             r = self.handoffs[0]
+            home = self.workers[r.worker]
+            if self._views()[home.id].accepts_decode:  # its worker decodes now: decode it there, no copy
+                self.handoffs.pop(0)
+                home.scheduler.resume(r.seq.request_id)
+                r.on_decode = True
+                self._progress_move(home)
+                self._kick(home)
+                continue
             need = blocks_needed(len(r.seq.token_ids), self.cfg.block_size)
-            target = routing.pick_decode_worker([v for v in self._views() if v.id != r.worker], need)
+            target = routing.pick_decode_worker([v for v in self._views() if v.id != r.worker], need,
+                                                admits=self._admission())
             if target is None:
                 return
             self.handoffs.pop(0)
@@ -319,19 +329,23 @@ class Simulator:
 
     # ---- policy and role moves ----------------------------------------------------------------
 
+    def _admission(self) -> routing.Admission | None:
+        admits = getattr(self.policy, "admits", None)
+        return None if admits is None else functools.partial(admits, block_size=self.cfg.block_size)
+
     def _views(self) -> list[routing.WorkerView]:
         views = []
         for w in self.workers:
             s, move = w.scheduler, self.moves.get(w.id)
             views.append(routing.WorkerView(
                 w.id, move.target if move else w.role, True, move is not None, len(s.running), len(s.waiting),
-                len(s.parked), s.allocator.num_free, s.allocator.num_total, w.pending_prefill_tokens))
+                len(s.parked), s.allocator.num_free, s.allocator.num_total, w.pending_prefill_tokens, w.incoming))
         return views
 
     def _snapshot(self, closing: bool) -> Snapshot:
-        queued = sum(w.pending_prefill_tokens for w in self.workers)
         held = self.unplaced + (self.batcher.items if self.batcher else [])
-        queued += sum(r.input_len for r in held)
+        queued = queued_prefill_tokens([w.pending_prefill_tokens for w in self.workers],
+                                       self.cfg.max_num_batched_tokens, sum(r.input_len for r in held))
         waiting = sum(len(w.scheduler.waiting) for w in self.workers if w.role != Role.DECODE) + len(held)
         interval = None
         if closing:
@@ -341,7 +355,7 @@ class Simulator:
             self.timeline.append({"time": self.now, "rate": interval.arrival_rate,
                                   **{r.name.lower(): sum(w.role == r for w in self.workers) for r in Role}})
         return Snapshot(self.now, self._views(), interval, queued, waiting, len(self.handoffs), bool(self.moves),
-                        dict(self.last_moved))
+                        dict(self.last_moved), self.cfg.block_size)
 
     def _apply(self, decisions, closing: bool) -> None:
         for d in decisions:
@@ -351,9 +365,11 @@ class Simulator:
             move = RoleMove(w.id, w.role, d.role, d.reason, self.now)
             decoding = [r for r in self._on(w) if r.on_decode]
             self._interrupt(w)
+            lengths = [len(r.seq.token_ids) for r in decoding]
+            room = sum(v.kv_blocks_free for v in self._views() if v.id != w.id and v.accepts_decode)
+            need = sum(blocks_needed(n, self.cfg.block_size) for n in lengths)
             move.migrate = should_migrate([r.seq.max_tokens - (len(r.seq.token_ids) - r.input_len) for r in decoding],
-                                          w.step_time, self.cost.kv_transfer_time(
-                                              sum(len(r.seq.token_ids) for r in decoding)))
+                                          w.step_time, self.cost.kv_transfer_time(sum(lengths)), room, need)
             self.moves[w.id] = move
             self._progress_move(w)
         if self.unplaced:
@@ -370,7 +386,7 @@ class Simulator:
         if move is None:
             return
         mine = self._on(w)
-        if move.needs_migration:
+        if move.needs_migration and not w.busy:  # between steps, as the worker handles an export
             for r in mine:
                 if r.on_decode and r.first_token is not None and r.seq in w.scheduler.running \
                         and r.seq.num_pending_tokens == 1 and r not in move.exported:

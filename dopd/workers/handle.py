@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
+import struct
 from collections.abc import Callable
 from enum import IntEnum
 
@@ -17,7 +19,7 @@ import msgspec
 import torch.multiprocessing as mp
 
 from dopd.messages import FromWorker, Role, WorkerStats
-from dopd.workers.worker import PICKLE_FRAME, PeerPool, Ready, WorkerSpec, send_pickled, worker_main
+from dopd.workers.worker import PICKLE_FRAME, PeerPool, Ready, WorkerSpec, pickled_frame, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +51,24 @@ class WorkerHandle:
         self.pool = None  # the worker's KV pool as this process holds it (to hand to peers)
         self.pool_bytes: bytes | None = None  # ... or, on CUDA, its pickled IPC handle
         self.reserved_blocks = 0  # promised to adoptions in flight
+        self.num_incoming = 0  # adoptions in flight
         self.last_heard = 0.0
         self.restarts = 0
         self.process = None
         self.conn = None
+        # Once attached, the pipe is the event loop's and non-blocking (uvloop makes it so): frames go
+        # out through `_out` and come in through `_in`, whole, in the `multiprocessing.Connection`
+        # framing the worker's blocking end reads and writes.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._out = bytearray()
+        self._in = bytearray()
 
     # ---- life cycle -----------------------------------------------------------------------------
 
     def spawn(self) -> None:
         if self.conn is not None:  # a respawn: the old pipe goes with the old process
             self.conn.close()
+        self._loop, self._out, self._in = None, bytearray(), bytearray()
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=worker_main, args=(self.spec, child), name=f"dopd-worker-{self.id}",
@@ -97,35 +107,73 @@ class WorkerHandle:
         return ready
 
     def share_pool_with(self, peer: "WorkerHandle") -> None:
-        send_pickled(peer.conn, PeerPool(self.id, self.pool, self.pool_bytes))
+        peer._send_frame(pickled_frame(PeerPool(self.id, self.pool, self.pool_bytes)))
 
     def attach(self, on_message: Callable[["WorkerHandle", object], None],
                on_exit: Callable[["WorkerHandle"], None]) -> None:
         """Deliver this worker's messages, and its death, to the event loop."""
         loop = asyncio.get_running_loop()
+        fd = self.conn.fileno()
+        os.set_blocking(fd, False)
+        self._loop = loop
 
         def readable() -> None:
             try:
-                while self.conn.poll(0):
-                    frame = self.conn.recv_bytes()
-                    if frame[:1] != PICKLE_FRAME:
-                        on_message(self, _decoder.decode(frame))
+                while True:
+                    chunk = os.read(fd, 1 << 20)
+                    if not chunk:
+                        raise EOFError
+                    self._in += chunk
+            except BlockingIOError:
+                pass
             except (EOFError, OSError):
                 self.detach()
                 on_exit(self)
+                return
+            for frame in self._frames():
+                if frame[:1] == PICKLE_FRAME:
+                    continue
+                try:
+                    on_message(self, _decoder.decode(frame))
+                except Exception:  # a bug in handling one message must not drop the frames after it
+                    log.exception("worker %d: handling a message failed", self.id)
 
         def exited() -> None:
             self.detach()
             on_exit(self)
 
-        loop.add_reader(self.conn.fileno(), readable)
+        loop.add_reader(fd, readable)
         loop.add_reader(self.process.sentinel, exited)
+        if self._out:
+            loop.add_writer(fd, self._flush)
+
+    def _frames(self) -> list[bytes]:
+        """Take the whole frames received so far off `_in` (a partial one stays for the next read)."""
+        frames, buf, pos = [], self._in, 0
+        while len(buf) - pos >= 4:
+            (size,) = struct.unpack_from("!i", buf, pos)
+            start = pos + 4
+            if size == -1:  # a frame over 2 GiB: the size follows as 8 bytes
+                if len(buf) - start < 8:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, start)
+                start += 8
+            if len(buf) - start < size:
+                break
+            frames.append(bytes(buf[start:start + size]))
+            pos = start + size
+        del buf[:pos]
+        return frames
 
     def detach(self) -> None:
         loop = asyncio.get_event_loop()
         for fd in (self._fileno(), getattr(self.process, "sentinel", None)):
             if fd is not None:
                 loop.remove_reader(fd)
+        fd = self._fileno()
+        if fd is not None and self._loop is not None:
+            loop.remove_writer(fd)
+        self._loop = None
 
     def _fileno(self) -> int | None:
         try:
@@ -136,11 +184,42 @@ class WorkerHandle:
     def send(self, msg) -> bool:
         if self.state == WorkerState.DEAD or self.conn is None:
             return False
+        return self._send_frame(_encoder.encode(msg))
+
+    def _send_frame(self, payload: bytes) -> bool:
+        """Queue one frame, in order. Unattached (start-up, tests), the pipe is blocking: write it now."""
+        if self.conn is None:
+            return False
+        size = len(payload)
+        header = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
         try:
-            self.conn.send_bytes(_encoder.encode(msg))
+            if self._loop is None:
+                self.conn.send_bytes(payload)
+                return True
+            idle = not self._out
+            self._out += header
+            self._out += payload
+            if idle:
+                self._flush()
+                if self._out and self._loop is not None:
+                    self._loop.add_writer(self.conn.fileno(), self._flush)
             return True
         except OSError:
             return False
+
+    def _flush(self) -> None:
+        """Write what the pipe takes now; the event loop calls again when it takes more."""
+        fd = self._fileno()
+        try:
+            while self._out:
+                n = os.write(fd, self._out)
+                del self._out[:n]
+        except BlockingIOError:
+            return
+        except (OSError, TypeError):  # the worker is gone: its exit is handled by the sentinel
+            self._out.clear()
+        if self._loop is not None and fd is not None:
+            self._loop.remove_writer(fd)
 
     def kill(self) -> None:
         if self.process is not None and self.process.is_alive():

@@ -59,8 +59,12 @@ class WorkerSpec:
     log_level: int = logging.WARNING
 
 
+def pickled_frame(obj) -> bytes:
+    return PICKLE_FRAME + bytes(ForkingPickler.dumps(obj))
+
+
 def send_pickled(conn, obj) -> None:
-    conn.send_bytes(PICKLE_FRAME + bytes(ForkingPickler.dumps(obj)))
+    conn.send_bytes(pickled_frame(obj))
 
 
 def worker_main(spec: WorkerSpec, conn) -> None:
@@ -99,9 +103,10 @@ def _make_runner(spec: WorkerSpec):
 def _serve(engine: EngineCore, runner, conn, encoder) -> None:
     decoder = msgspec.msgpack.Decoder(ToWorker)
     while True:
-        # Busy: take what is there and step. Idle: block until the controller says something,
-        # then take whatever else came with it.
-        timeout = 0 if engine.has_work() else None
+        # Busy: take what is there and step. Idle, or stalled (waiting work that no step can start
+        # until blocks are freed): block until the controller says something, then take whatever
+        # else came with it.
+        timeout = 0 if engine.has_work() and not engine.stalled else None
         handled = False
         while conn.poll(timeout):
             timeout = 0
@@ -120,6 +125,11 @@ def _serve(engine: EngineCore, runner, conn, encoder) -> None:
                 continue
             engine.handle(msg)
             handled = True
+        # Acks of adoptions and parked migrations go out now, not a whole step later: the controller
+        # frees the source's blocks, or starts the next hop, that much sooner.
+        events = engine.take_events() if handled and engine.has_work() else None
+        if events is not None:
+            conn.send_bytes(encoder.encode(events))
         busy = engine.has_work()
         result: StepResult = engine.step()
         # Also after an idle worker handled a message: a release or an abort changes its free blocks.
