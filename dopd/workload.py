@@ -350,6 +350,18 @@ def synthetic(spec: str, seed: int = 0) -> list[WorkloadRequest]:
     return splice(phases, spans)
 
 
+def shape(reqs: list[WorkloadRequest], rate_scale: float = 1.0, num_requests: int | None = None,
+          duration: float | None = None, max_input_len: int | None = None,
+          max_output_len: int | None = None) -> list[WorkloadRequest]:
+    """The transforms every script offers, in one order: rescale the rate, cut, clip the lengths."""
+    if rate_scale != 1.0:
+        reqs = scale_rate(reqs, rate_scale)
+    reqs = take(reqs, num_requests, duration)
+    if max_input_len or max_output_len:
+        reqs = clip(reqs, max_input_len, max_output_len)
+    return reqs
+
+
 def describe(reqs: Sequence[WorkloadRequest]) -> dict[str, float | int]:
     """Count, span, mean rate (n / (last − first arrival)) and length percentiles, as in workloads.md."""
     summary: dict[str, float | int] = {"num_requests": len(reqs)}

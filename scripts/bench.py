@@ -40,8 +40,8 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 from dopd.metrics import (DEFAULT_SLO_SCALES, SLO, RequestRecord, encode_records, format_table,  # noqa: E402
                           interpolate_goodput, min_slo_scale, slo_scale_curve, summarize)
-from dopd.workload import (MOONCAKE_BLOCK_SIZE, WorkloadRequest, arrivals, clip, describe, load_trace,  # noqa: E402
-                           sample_lengths, scale_rate, synthetic, take)
+from dopd.workload import (MOONCAKE_BLOCK_SIZE, WorkloadRequest, arrivals, describe, load_trace,  # noqa: E402
+                           sample_lengths, scale_rate, shape, synthetic)
 
 DEFAULT_BAND = (300, 2300)
 Prompt = list[int] | str
@@ -268,12 +268,7 @@ def build_requests(args: argparse.Namespace) -> list[WorkloadRequest]:
         num_in = sample_lengths(args.input_len, n, rng, output=False)
         num_out = sample_lengths(args.output_len, n, rng, output=True)
         reqs = [WorkloadRequest(float(t), int(i), int(o)) for t, i, o in zip(times, num_in, num_out)]
-    if args.rate_scale != 1.0:
-        reqs = scale_rate(reqs, args.rate_scale)
-    reqs = take(reqs, args.num_requests, args.duration)
-    if args.max_input_len or args.max_output_len:
-        reqs = clip(reqs, args.max_input_len, args.max_output_len)
-    return reqs
+    return shape(reqs, args.rate_scale, args.num_requests, args.duration, args.max_input_len, args.max_output_len)
 
 
 def mean_rate(reqs: Sequence[WorkloadRequest]) -> float:

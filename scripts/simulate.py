@@ -27,19 +27,14 @@ import msgspec  # noqa: E402
 from dopd.config import DopdConfig, add_arguments, from_args  # noqa: E402
 from dopd.metrics import format_table, interpolate_goodput, encode_records  # noqa: E402
 from dopd.sim.simulator import Simulator, sim_config  # noqa: E402
-from dopd.workload import clip, describe, load_trace, scale_rate, synthetic, take  # noqa: E402
+from dopd.workload import describe, load_trace, scale_rate, shape, synthetic  # noqa: E402
 
 
 def workload(args: argparse.Namespace) -> list:
     if bool(args.trace) == bool(args.synthetic):
         sys.exit("give one of --trace FILE or --synthetic SPEC")
     reqs = load_trace(args.trace) if args.trace else synthetic(args.synthetic, seed=args.seed)
-    if args.rate_scale != 1.0:
-        reqs = scale_rate(reqs, args.rate_scale)
-    reqs = take(reqs, args.num_requests, args.duration)
-    if args.max_input_len or args.max_output_len:
-        reqs = clip(reqs, args.max_input_len, args.max_output_len)
-    return reqs
+    return shape(reqs, args.rate_scale, args.num_requests, args.duration, args.max_input_len, args.max_output_len)
 
 
 def main() -> None:
