@@ -25,6 +25,7 @@ from dopd.messages import Role
 from dopd.protocol import MAX_STOP_LENGTH, MAX_STOP_STRINGS, ChatBody, CompletionBody, RolesBody, message_text
 from dopd.request import Request
 from dopd.sampling_params import SamplingParams
+from dopd.snapshot import cluster_snapshot
 
 log = logging.getLogger("dopd.api")
 
@@ -118,12 +119,13 @@ class Api:
         return _json({"status": "ok", "workers_alive": alive})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        self.controller.update_gauges()
+        c = self.controller
+        c.telemetry.observe_workers(c.workers.values(), len(c.unplaced) + len(c.handoffs))
         body = generate_latest(self.controller.telemetry.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def cluster(self, request: web.Request) -> web.Response:
-        return _json(self.controller.snapshot())
+        return _json(cluster_snapshot(self.controller))
 
     async def roles(self, request: web.Request) -> web.Response:
         body = await self._body(request, RolesBody)

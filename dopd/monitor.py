@@ -1,6 +1,6 @@
 """The live dashboard: one screen that shows what the cluster does and why its split just changed.
 
-`render()` is a pure function of a snapshot (the dict `Controller.snapshot()` returns and
+`render()` is a pure function of a snapshot (the dict `dopd.snapshot.cluster_snapshot` returns and
 `GET /v1/cluster` serves) and a `History` of earlier ones, sized to a terminal. `run_monitor()`
 refreshes it from an asyncio task inside the server; `attach()` from another process, by polling.
 Every field is optional: a snapshot from an older or newer server renders what it has.

@@ -7,6 +7,7 @@ end the rest with an explicit error, stop every worker; nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from dopd.controller import Controller
 from dopd.embedded import resolve_model
 from dopd.messages import Role
 from dopd.metrics import SLO
+from dopd.snapshot import cluster_snapshot
 from dopd.telemetry import Telemetry
 
 log = logging.getLogger("dopd")
@@ -193,7 +195,7 @@ async def serve(cfg: DopdConfig, ready: asyncio.Event | None = None) -> None:
     if cfg.server.monitor and sys.stdout.isatty():
         from dopd.monitor import run_monitor
 
-        monitor = asyncio.create_task(run_monitor(controller.snapshot, stop))
+        monitor = asyncio.create_task(run_monitor(functools.partial(cluster_snapshot, controller), stop))
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -62,6 +62,21 @@ class Telemetry:
             if record.output_len > 1:
                 self.tpot.labels(m).observe(tpot(record))
 
+    def observe_workers(self, workers, num_queued: int) -> None:
+        """Refresh the gauges from the workers' latest stats (`WorkerHandle`s) before a scrape."""
+        m = self._model
+        live = [w for w in workers if w.alive]
+        self.running.labels(m).set(sum(w.stats.num_running for w in live))
+        self.waiting.labels(m).set(sum(w.stats.num_waiting for w in live) + num_queued)
+        total = sum(w.stats.kv_blocks_total for w in live)
+        self.kv_usage.labels(m).set(1 - sum(w.stats.kv_blocks_free for w in live) / total if total else 0.0)
+        for w in workers:
+            labels = (str(w.id), w.role.name.lower())
+            self.worker_running.labels(*labels).set(w.stats.num_running)
+            self.worker_waiting.labels(*labels).set(w.stats.num_waiting)
+            usage = 1 - w.stats.kv_blocks_free / w.stats.kv_blocks_total if w.stats.kv_blocks_total else 0.0
+            self.worker_kv_usage.labels(*labels).set(usage)
+
     def window(self, now: float, seconds: float) -> list[RequestRecord]:
         return [r for t, r in self.recent if now - t <= seconds]
 
