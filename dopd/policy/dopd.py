@@ -8,7 +8,8 @@ Each monitoring interval:
    adds capacity, only after it was asked for twice running and the shrinking role can absorb its
    current load when it takes capacity away (consolidation-aware scale-down: no 2↔1 flapping).
 Between intervals, an emergency path acts at once when the prefill queue holds more work than a
-share of the TTFT SLO, or a decode worker's KV is nearly full: one worker moves, the idle first.
+share of the TTFT SLO, or a decode worker's KV is nearly full: as many parked workers as the
+pressure asks for wake up, or, with none parked, one worker moves from the other role.
 No decision is taken while a move is still under way.
 """
 
@@ -22,7 +23,7 @@ from dopd.policy.base import Decision, PolicyConfig, Snapshot, plan_moves
 from dopd.policy.forecast import CorrectionFactor, LoadForecast
 from dopd.policy.ratio import Split, decode_concurrency, expected_prefill_cost, mean_context, optimal_split
 from dopd.policy.routing import WorkerView
-from dopd.sim.costmodel import CostModel
+from dopd.sim.costmodel import CostModel, attn_work
 
 EMERGENCY_COOLDOWN_S = 2.0
 CONSOLIDATION_MARGIN = 0.8  # a shrinking role must fit its current load in this share of what remains
@@ -124,13 +125,14 @@ class DopdPolicy:
         return snap.queued_prefill_tokens * per_token / max(1, num_prefill)
 
     def _emergency(self, snap: Snapshot) -> list[Decision]:
-        """One worker, at once, to the role that is past its limit, from a role that can spare it.
+        """Workers, at once, to the role that is past its limit: parked ones (as many as it needs),
+        else one from the other role if that can spare it.
 
         Prefill pressure: the queued prompt work per prefill worker as a share of the emergency budget
         (a share of the TTFT SLO). Decode pressure: the requests decoding or waiting to decode per
         decode worker as a share of what one holds within the TPOT SLO, or its KV occupancy as a
-        share of the emergency threshold. The worker comes from the idle ones first, else from the
-        other role if that stays under its limit with one worker fewer.
+        share of the emergency threshold. A worker of the other role moves only if that role stays
+        under its limit with one worker fewer.
         """
         if snap.now - self.last_emergency < EMERGENCY_COOLDOWN_S:
             return []
@@ -145,10 +147,10 @@ class DopdPolicy:
         decode_bound = snap.handoff_queue > num_d and decode > 1
         if prefill > 1 and prefill >= decode and not decode_bound and \
                 (idle or num_d > 1 and self._decode_pressure(snap, num_d - 1) < 1):
-            target = (num_p + 1, num_d if idle else num_d - 1)
+            target = (num_p + _wanted(num_p, prefill, idle), num_d) if idle else (num_p + 1, num_d - 1)
         elif decode > 1 and (idle or num_p > 1 and (decode_bound or
                                                     self._queued_prefill_seconds(snap, num_p - 1) < budget)):
-            target = (num_p if idle else num_p - 1, num_d + 1)
+            target = (num_p, num_d + _wanted(num_d, decode, idle)) if idle else (num_p - 1, num_d + 1)
         if target is None:
             return []
         self.last_emergency = snap.now
@@ -173,17 +175,23 @@ class DopdPolicy:
                                  self.slo.tpot)
         return max(requests / (num_decode * ccd), used / (self.cfg.emergency_kv * total) if total else 0.0)
 
-    def admits(self, worker: WorkerView, blocks: int, block_size: int) -> bool:
+    def admits(self, worker: WorkerView, blocks: int, block_size: int, prefill_tokens: int = 0) -> bool:
         """Routing's admission check: may this decode worker take a request of `blocks` KV blocks?
 
         Yes while its next decode step, with the request added, is predicted to stay within the TPOT
         SLO (measured by the KV it holds, not by a request count: contexts differ), and always when
-        it runs nothing (a lone request must go somewhere)."""
+        it runs nothing (a lone request must go somewhere). A worker that would prefill the request
+        itself (`prefill_tokens`, an ultra-short prompt) must also keep the step that does so within
+        the SLO: its running requests must not feel it. What is short enough is thus a question of
+        the hardware — on an H200 a 300-token prefill hides in a decode step, on a CPU none does."""
         batch = worker.num_running + worker.num_incoming
         if batch == 0:
             return True
-        context = (worker.kv_blocks_total - worker.kv_blocks_free + blocks) * block_size
-        step = self.cost.scaled(decode=self.decode_correction.value).decode_time(batch + 1, context)
+        held = (worker.kv_blocks_total - worker.kv_blocks_free) * block_size
+        cost = self.cost.scaled(self.prefill_correction.value, self.decode_correction.value)
+        step = cost.decode_time(batch + 1, held + blocks * block_size)
+        if prefill_tokens:
+            step = max(step, cost.step_time(prefill_tokens, attn_work(prefill_tokens), batch, held))
         return step <= self.slo.tpot
 
     def long_prompt_len(self) -> float | None:
@@ -213,3 +221,10 @@ class DopdPolicy:
             "corrections": {"prefill": self.prefill_correction.value, "decode": self.decode_correction.value},
             "gpu_seconds": self.gpu_seconds,
         }
+
+
+def _wanted(num: int, pressure: float, idle: int) -> int:
+    """Idle workers to add to a role of `num` workers at `pressure` (its load over its limit, which
+    scales as 1/workers) to bring it back under its limit: waking a parked worker costs nothing,
+    so a burst is met in one step rather than one worker per cooldown."""
+    return max(1, min(idle, math.ceil(num * pressure) - num))

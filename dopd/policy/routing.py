@@ -1,8 +1,8 @@
 """Where each request goes: pure functions of the workers' views (no I/O, no clock).
 
 - a new prompt → a prefill worker (least pending prefill work), or in colocated mode → the least
-  loaded mixed worker, or — ultra-short prompts while the prefill queue is long — straight to a
-  decode worker, which prefills it itself and skips the KV transfer;
+  loaded mixed worker, or — an ultra-short prompt, when the step that prefills it stays within the
+  TPOT SLO — straight to a decode worker, which prefills it itself and skips the KV transfer;
 - a prefilled request → the decode worker with the most headroom (KV usage and queue, as Dynamo's
   KV router scores them), provided its free blocks cover the request with a watermark to spare.
 """
@@ -52,7 +52,7 @@ def pick_prefill_worker(workers: list[WorkerView]) -> int | None:
     return min(candidates, key=lambda w: (w.pending_prefill_tokens, w.num_waiting + w.num_running, w.id)).id
 
 
-Admission = Callable[[WorkerView, int], bool]  # (decode worker, blocks of the request) -> may it take it?
+Admission = Callable[..., bool]  # (decode worker, blocks of the request[, prefill_tokens=]) -> may it take it?
 
 
 def pick_decode_worker(workers: list[WorkerView], blocks_needed: int, watermark: float = 0.02,
@@ -98,15 +98,16 @@ def place_prompt(workers: list[WorkerView], num_tokens: int, ultra_short_len: in
 
     Disaggregated: a prefill worker, except an ultra-short prompt (≤ `ultra_short_len` tokens),
     which the least-loaded decode worker prefills itself when it has nothing waiting and `admits`
-    it — the KV transfer would cost about as much as the prefill. Without prefill workers: a mixed
-    worker.
+    it with that prefill in its step — the KV transfer would cost about as much as the prefill.
+    Without prefill workers: a mixed worker.
     """
     if not any(w.accepts_prefill and w.role == Role.PREFILL for w in workers):
         target = pick_mixed_worker(workers)
         return None if target is None else Placement(target, hand_off=False)
     if 0 < num_tokens <= ultra_short_len:
         local = [w for w in workers if w.accepts_decode and w.num_waiting == 0]
-        target = pick_decode_worker(local, -(-num_tokens // block_size) + 1, admits=admits)
+        admits_here = None if admits is None else lambda w, blocks: admits(w, blocks, prefill_tokens=num_tokens)
+        target = pick_decode_worker(local, -(-num_tokens // block_size) + 1, admits=admits_here)
         if target is not None:
             return Placement(target, hand_off=False)
     target = pick_prefill_worker(workers)

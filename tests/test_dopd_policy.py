@@ -1,0 +1,83 @@
+"""The DOPD policy's emergency path on hand-made snapshots (pure: no server, no clock)."""
+
+from pathlib import Path
+
+import dopd
+from dopd.config import PolicyConfig
+from dopd.messages import Role
+from dopd.metrics import SLO
+from dopd.policy.base import Snapshot
+from dopd.policy.dopd import DopdPolicy
+from dopd.policy.routing import WorkerView
+from dopd.sim.costmodel import get_profile
+
+COST = get_profile("llama3-70b-fp8", "h200")
+SLO_ = SLO(1.5, 0.05)
+BLOCKS = 10_000
+PROFILES = Path(dopd.__file__).parent / "profiles"
+
+
+def worker(wid: int, role: Role, running: int = 0, used: int = 0) -> WorkerView:
+    return WorkerView(id=wid, role=role, alive=True, moving=False, num_running=running, num_waiting=0,
+                      num_parked=0, kv_blocks_free=BLOCKS - used, kv_blocks_total=BLOCKS, pending_prefill_tokens=0)
+
+
+def snapshot(workers: list[WorkerView], queued_tokens: int, moving: bool = False) -> Snapshot:
+    return Snapshot(now=100.0, workers=workers, interval=None, queued_prefill_tokens=queued_tokens,
+                    queued_prefill_requests=queued_tokens // 1000, handoff_queue=0, moving=moving)
+
+
+def policy() -> DopdPolicy:
+    return DopdPolicy(PolicyConfig(), COST, SLO_, num_workers=8)
+
+
+def one_p_one_d() -> list[WorkerView]:
+    return [worker(0, Role.PREFILL), worker(1, Role.DECODE, running=4, used=100)] + \
+        [worker(i, Role.IDLE) for i in range(2, 8)]
+
+
+def budget_tokens(pol: DopdPolicy) -> int:
+    """Queued prompt tokens that fill one prefill worker's emergency budget exactly."""
+    return int(pol.cfg.emergency_queue * SLO_.ttft / COST.prefill_b)
+
+
+def test_a_burst_wakes_as_many_parked_workers_as_it_needs_at_once():
+    pol = policy()
+    decisions = pol.decide(snapshot(one_p_one_d(), queued_tokens=int(3.5 * budget_tokens(pol))))
+    # 3.5 budgets' worth of queued prompts: 4 prefill workers hold it, so 3 parked ones wake up
+    assert sorted(d.worker_id for d in decisions) == [2, 3, 4]
+    assert all(d.role == Role.PREFILL and d.reason.startswith("emergency") for d in decisions)
+
+
+def test_no_more_workers_than_are_parked():
+    pol = policy()
+    decisions = pol.decide(snapshot(one_p_one_d(), queued_tokens=40 * budget_tokens(pol)))
+    assert len(decisions) == 6 and {d.role for d in decisions} == {Role.PREFILL}
+
+
+def test_without_parked_workers_one_moves_from_a_role_that_can_spare_it():
+    pol = policy()
+    workers = [worker(0, Role.PREFILL)] + [worker(i, Role.DECODE, running=2, used=50) for i in range(1, 8)]
+    decisions = pol.decide(snapshot(workers, queued_tokens=5 * budget_tokens(pol)))
+    assert len(decisions) == 1 and decisions[0].role == Role.PREFILL
+
+
+def test_under_the_budget_nothing_moves_and_nothing_while_a_move_is_under_way():
+    pol = policy()
+    assert pol.decide(snapshot(one_p_one_d(), queued_tokens=budget_tokens(pol) // 2)) == []
+    assert policy().decide(snapshot(one_p_one_d(), queued_tokens=5 * budget_tokens(pol), moving=True)) == []
+
+
+def test_an_ultra_short_prompt_is_prefilled_on_a_decode_worker_only_where_the_step_hides_it():
+    from functools import partial
+
+    from dopd.policy.routing import place_prompt
+
+    workers = [worker(0, Role.PREFILL), worker(1, Role.DECODE, running=8, used=500)]
+    h200 = policy()
+    admits = partial(h200.admits, block_size=16)
+    assert place_prompt(workers, 128, ultra_short_len=511, admits=admits).worker == 1  # no transfer
+    long_step = place_prompt(workers, 511, ultra_short_len=511, admits=admits)  # its step would take > TPOT
+    assert long_step.worker == 0 and long_step.hand_off
+    cpu = DopdPolicy(PolicyConfig(), get_profile(str(PROFILES / "cpu-smollm2-135m-instruct.json")), SLO(2.5, 0.15), 3)
+    assert place_prompt(workers, 64, ultra_short_len=511, admits=partial(cpu.admits, block_size=16)).worker == 0
