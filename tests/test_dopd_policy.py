@@ -81,3 +81,29 @@ def test_an_ultra_short_prompt_is_prefilled_on_a_decode_worker_only_where_the_st
     assert long_step.worker == 0 and long_step.hand_off
     cpu = DopdPolicy(PolicyConfig(), get_profile(str(PROFILES / "cpu-smollm2-135m-instruct.json")), SLO(2.5, 0.15), 3)
     assert place_prompt(workers, 64, ultra_short_len=511, admits=partial(cpu.admits, block_size=16)).worker == 0
+
+
+def test_a_load_hovering_at_a_boundary_does_not_flip_a_worker_every_interval():
+    """The live CPU run's flapping: 5-s intervals of 5 or 7 arrivals put the decode need at ~1 worker."""
+    from dataclasses import replace
+
+    from dopd.policy.resources import IntervalStats
+
+    cpu = get_profile(str(PROFILES / "cpu-smollm2-135m-instruct.json"))
+    pol = DopdPolicy(PolicyConfig(interval=5.0), cpu, SLO(2.5, 0.15), num_workers=3)
+    workers = [worker(0, Role.PREFILL), worker(1, Role.DECODE, running=3, used=30), worker(2, Role.DECODE)]
+    moves, last_moved = [], {}
+    for i in range(30):
+        now = 5.0 * (i + 1)
+        arrivals = 5 if i % 2 else 7
+        stats = IntervalStats(start=now - 5, end=now, num_arrivals=arrivals, arrival_rate=arrivals / 5,
+                              mean_input_len=64, var_input_len=100, mean_output_len=96, num_finished=arrivals,
+                              num_failed=0, ttft_p50=None, ttft_p90=None, tpot_p50=None, tpot_p90=None,
+                              attainment=1.0, queued_prefill_requests=0, handoff_queue=0)
+        snap = Snapshot(now=now, workers=workers, interval=stats, queued_prefill_tokens=0, queued_prefill_requests=0,
+                        handoff_queue=0, moving=False, last_moved=dict(last_moved))
+        for d in pol.decide(snap):
+            workers = [replace(w, role=d.role) if w.id == d.worker_id else w for w in workers]
+            moves.append((i, d.worker_id, d.role))
+            last_moved[d.worker_id] = now
+    assert len(moves) <= 2, moves

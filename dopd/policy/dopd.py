@@ -5,8 +5,9 @@ Each monitoring interval:
 2. update the correction factors (measured / cost-model TTFT and TPOT), ignoring intervals in
    which a worker had just changed role — its first steps would skew the estimate (Dynamo #12430);
 3. compute the split for the forecast (`ratio.optimal_split`) and move toward it — at once when it
-   adds capacity, only after it was asked for twice running and the shrinking role can absorb its
-   current load when it takes capacity away (consolidation-aware scale-down: no 2↔1 flapping).
+   adds capacity; when it takes capacity away, only if the split at 25% more load takes it away
+   too (a dead band), and after it was asked for twice running unless the shrinking role plainly
+   can absorb its current load (consolidation-aware scale-down: no 2↔1 flapping).
 Between intervals, an emergency path acts at once when the prefill queue holds more work than a
 share of the TTFT SLO, or a decode worker's KV is nearly full: as many parked workers as the
 pressure asks for wake up, or, with none parked, one worker moves from the other role.
@@ -28,6 +29,7 @@ from dopd.sim.costmodel import CostModel, attn_work
 EMERGENCY_COOLDOWN_S = 2.0
 CONSOLIDATION_MARGIN = 0.8  # a shrinking role must fit its current load in this share of what remains
 CLEAR_MARGIN = 0.5  # ... and if it fits in this share, the shrink needs no second confirmation
+SCALE_DOWN_BAND = 0.25  # a role shrinks only if it would at this much more load as well
 
 
 class DopdPolicy:
@@ -74,11 +76,11 @@ class DopdPolicy:
             batch = round(s.decode_batch)
             self.decode_correction.update(s.tpot_p50, self.cost.decode_time(batch, int(batch * ctx)))
 
-    def _target(self, snap: Snapshot) -> Split:
+    def _target(self, snap: Snapshot, load: float = 1.0) -> Split:
         p = self.prediction
         live = sum(1 for w in snap.workers if w.alive)
         osl = p.mean_output_len or 1.0
-        return optimal_split(self.cost, p.rate, p.mean_input_len, p.var_input_len, osl, self.slo.tpot, live,
+        return optimal_split(self.cost, p.rate * load, p.mean_input_len, p.var_input_len, osl, self.slo.tpot, live,
                              park=self.cfg.park_idle, headroom=self.cfg.headroom,
                              prefill_correction=self.prefill_correction.value,
                              decode_correction=self.decode_correction.value)
@@ -89,6 +91,12 @@ class DopdPolicy:
         split = self.split = self._target(snap)
         current = (snap.count(Role.PREFILL), snap.count(Role.DECODE))
         target = (split.num_prefill, split.num_decode)
+        if target[0] < current[0] or target[1] < current[1]:
+            # Hysteresis: a role gives a worker up only if it would with SCALE_DOWN_BAND more load too,
+            # so that a forecast hovering at a boundary does not flip a worker every interval.
+            firm = self._target(snap, load=1 + SCALE_DOWN_BAND)
+            target = tuple(want if want >= have else max(want, min(have, keep))
+                           for want, have, keep in zip(target, current, (firm.num_prefill, firm.num_decode)))
         if target == current:
             self.asked = None
             return []
