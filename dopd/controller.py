@@ -297,8 +297,9 @@ class Controller:
                 st.request.status = RequestStatus.DECODING
                 continue
             need = blocks_needed(len(st.parked.token_ids), self._block_size())
+            overdue = time.monotonic() - st.parked_at > self.telemetry.slo.ttft  # see routing.OVERDUE
             target = routing.pick_decode_worker([v for v in self.views() if v.id != st.worker], need,
-                                                admits=self._admission())
+                                                admits=None if overdue else self._admission())
             if target is None:
                 return  # decode is full: the KV waits on the prefill worker (backpressure)
             self.handoffs.popleft()

@@ -52,6 +52,10 @@ def pick_prefill_worker(workers: list[WorkerView]) -> int | None:
     return min(candidates, key=lambda w: (w.pending_prefill_tokens, w.num_waiting + w.num_running, w.id)).id
 
 
+# OVERDUE: a prefilled request that has waited for decode room longer than the TTFT SLO is placed
+# without the policy's admission check (only KV room counts): its first two tokens are already
+# seconds apart, and holding it for a TPOT prediction — which a wrong correction factor can make
+# refuse everything but one request per worker — would only run it into its timeout.
 Admission = Callable[..., bool]  # (decode worker, blocks of the request[, prefill_tokens=]) -> may it take it?
 
 

@@ -305,8 +305,9 @@ class Simulator:
                 self._kick(home)
                 continue
             need = blocks_needed(len(r.seq.token_ids), self.cfg.block_size)
+            overdue = self.now - r.parked_at > self.cfg.slo.ttft  # see routing.OVERDUE
             target = routing.pick_decode_worker([v for v in self._views() if v.id != r.worker], need,
-                                                admits=self._admission())
+                                                admits=None if overdue else self._admission())
             if target is None:
                 return
             self.handoffs.pop(0)
