@@ -16,7 +16,6 @@ this file only applies them.
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import time
@@ -201,8 +200,10 @@ class Controller:
     def _place(self, st: RequestState, placement: routing.Placement | None = None) -> None:
         """Send a request that has no token yet to a worker that will prefill it."""
         req = st.request
-        placement = placement or routing.place_prompt(self.views(), req.num_prompt_tokens, self.ultra_short_len,
-                                                      self._block_size(), self._admission())
+        if placement is None:
+            admits = routing.admission(self.policy, self._block_size())
+            placement = routing.place_prompt(self.views(), req.num_prompt_tokens, self.ultra_short_len,
+                                             self._block_size(), admits)
         if placement is None:
             self.unplaced.append(st)
             return
@@ -297,9 +298,9 @@ class Controller:
                 st.request.status = RequestStatus.DECODING
                 continue
             need = blocks_needed(len(st.parked.token_ids), self._block_size())
-            overdue = time.monotonic() - st.parked_at > self.telemetry.slo.ttft  # see routing.OVERDUE
-            target = routing.pick_decode_worker([v for v in self.views() if v.id != st.worker], need,
-                                                admits=None if overdue else self._admission())
+            admits = routing.admission(self.policy, self._block_size(), time.monotonic() - st.parked_at,
+                                       self.telemetry.slo.ttft)
+            target = routing.pick_decode_worker([v for v in self.views() if v.id != st.worker], need, admits=admits)
             if target is None:
                 return  # decode is full: the KV waits on the prefill worker (backpressure)
             self.handoffs.popleft()
@@ -564,11 +565,6 @@ class Controller:
                 self.set_roles({d.worker_id: d.role}, d.reason)
             except ValueError as e:  # a stale decision (a worker died meanwhile): skip it, say why
                 log.warning("policy decision %s skipped: %s", d, e)
-
-    def _admission(self) -> routing.Admission | None:
-        """The policy's decode admission check, if it has one (dopd's: the step stays within TPOT)."""
-        admits = getattr(self.policy, "admits", None)
-        return None if admits is None else functools.partial(admits, block_size=self._block_size())
 
     def _block_size(self) -> int:
         return next(iter(self.workers.values())).block_size

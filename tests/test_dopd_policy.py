@@ -107,3 +107,14 @@ def test_a_load_hovering_at_a_boundary_does_not_flip_a_worker_every_interval():
             moves.append((i, d.worker_id, d.role))
             last_moved[d.worker_id] = now
     assert len(moves) <= 2, moves
+
+
+def test_a_request_that_waited_past_the_ttft_slo_is_placed_on_kv_room_alone():
+    from dopd.policy.routing import admission, pick_decode_worker
+
+    full = [worker(1, Role.DECODE, running=250, used=9500)]  # its next step would be well past the TPOT SLO
+    pol = policy()
+    assert pick_decode_worker(full, 10, admits=admission(pol, 16, waited=0.5, patience=SLO_.ttft)) is None
+    assert admission(pol, 16, waited=2.0, patience=SLO_.ttft) is None
+    assert pick_decode_worker(full, 10, admits=admission(pol, 16, waited=2.0, patience=SLO_.ttft)) == 1
+    assert admission(object(), 16) is None  # a policy without an admission check

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,11 +54,18 @@ def pick_prefill_worker(workers: list[WorkerView]) -> int | None:
     return min(candidates, key=lambda w: (w.pending_prefill_tokens, w.num_waiting + w.num_running, w.id)).id
 
 
-# OVERDUE: a prefilled request that has waited for decode room longer than the TTFT SLO is placed
-# without the policy's admission check (only KV room counts): its first two tokens are already
-# seconds apart, and holding it for a TPOT prediction — which a wrong correction factor can make
-# refuse everything but one request per worker — would only run it into its timeout.
 Admission = Callable[..., bool]  # (decode worker, blocks of the request[, prefill_tokens=]) -> may it take it?
+
+
+def admission(policy, block_size: int, waited: float = 0.0, patience: float = math.inf) -> Admission | None:
+    """The policy's decode admission check (dopd's: the step stays within TPOT), if it has one.
+
+    None — only KV room counts — for a prefilled request that has waited for decode room longer
+    than `patience` (the TTFT SLO): its first two tokens are already seconds apart, and holding it
+    for a TPOT prediction, which a wrong correction factor can make refuse all but one request per
+    worker, would only run it into its timeout."""
+    admits = getattr(policy, "admits", None)
+    return None if admits is None or waited > patience else functools.partial(admits, block_size=block_size)
 
 
 def pick_decode_worker(workers: list[WorkerView], blocks_needed: int, watermark: float = 0.02,

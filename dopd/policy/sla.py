@@ -11,7 +11,6 @@ no hysteresis, no length-aware routing. Applied every interval, not while a move
 
 from __future__ import annotations
 
-
 from dopd.messages import Role
 from dopd.metrics import SLO
 from dopd.policy.base import Decision, PolicyConfig, Snapshot, plan_moves

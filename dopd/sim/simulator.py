@@ -12,7 +12,6 @@ the destination's blocks are held, as in the server.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import math
@@ -183,8 +182,10 @@ class Simulator:
             self._place(r)
 
     def _place(self, r: SimRequest, placement: routing.Placement | None = None) -> None:
-        placement = placement or routing.place_prompt(self._views(), r.input_len, self.ultra_short_len,
-                                                      self.cfg.block_size, self._admission())
+        if placement is None:
+            admits = routing.admission(self.policy, self.cfg.block_size)
+            placement = routing.place_prompt(self._views(), r.input_len, self.ultra_short_len, self.cfg.block_size,
+                                             admits)
         if placement is None:
             self.unplaced.append(r)
             return
@@ -305,9 +306,8 @@ class Simulator:
                 self._kick(home)
                 continue
             need = blocks_needed(len(r.seq.token_ids), self.cfg.block_size)
-            overdue = self.now - r.parked_at > self.cfg.slo.ttft  # see routing.OVERDUE
-            target = routing.pick_decode_worker([v for v in self._views() if v.id != r.worker], need,
-                                                admits=None if overdue else self._admission())
+            admits = routing.admission(self.policy, self.cfg.block_size, self.now - r.parked_at, self.cfg.slo.ttft)
+            target = routing.pick_decode_worker([v for v in self._views() if v.id != r.worker], need, admits=admits)
             if target is None:
                 return
             self.handoffs.pop(0)
@@ -329,10 +329,6 @@ class Simulator:
         self._kick(d)
 
     # ---- policy and role moves ----------------------------------------------------------------
-
-    def _admission(self) -> routing.Admission | None:
-        admits = getattr(self.policy, "admits", None)
-        return None if admits is None else functools.partial(admits, block_size=self.cfg.block_size)
 
     def _views(self) -> list[routing.WorkerView]:
         views = []
