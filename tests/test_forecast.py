@@ -201,3 +201,27 @@ def test_load_forecast_keeps_lengths_through_empty_intervals():
         after.rate = 1.0  # frozen
     load.reset()
     assert load.predict() == LoadPrediction(0.0, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("transition", [[1500.0], [300.0], [2000.0, 900.0]], ids=["half", "mostly-new", "two-intervals"])
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("noise", [0.0, 1.0], ids=["exact", "noisy"])  # the mock's lengths are exact
+def test_a_live_step_straddling_intervals_is_followed_at_once(transition, direction, noise):
+    """Live intervals do not line up with a change in load: the first one after it is a mix
+    (ISL 3000 → 64 as in tests/test_policy_live.py). The forecast must reach the new level the
+    interval after the change is complete, never overshoot it, and stay there, not carry the mixed
+    interval in its window (it forecast 661 for 64-token prompts for the rest of the window)."""
+    rng = np.random.default_rng(7)
+    old, new = (3072.0, 64.0) if direction == "down" else (64.0, 3072.0)
+    middle = transition if direction == "down" else [old + new - v for v in transition]
+    series = ([old + noise * rng.normal(0, 3) for _ in range(20)] + middle
+              + [new + noise * rng.normal(0, 1) for _ in range(30)])
+    forecaster = Forecaster()
+    predictions = []
+    for value in series:
+        forecaster.observe(value)
+        predictions.append(forecaster.predict())
+    after = np.array(predictions[20 + len(middle):])  # forecasts made once a pure new interval was seen
+    assert np.all(np.abs(after - new) < 0.05 * 3000), after.round()
+    during = np.array(predictions[20:20 + len(middle)])
+    assert np.all((during >= min(old, new) - 10) & (during <= max(old, new) + 10)), during.round()

@@ -13,8 +13,15 @@ simulated interval, thousands of times, so ``"arima"`` keeps auto_arima's proced
    Reselected every ``refit_every`` observations.
 3. Forecasts apply the fitted model to the current window with an exact scalar Kalman filter; it
    reproduces statsmodels' ``forecast(1)`` and likelihood to 1e-6 (tested) in ~20 us, not ~5 ms.
-4. Two consecutive same-sign misses beyond ``surprise_z`` sigmas are a level shift: the window
-   restarts there. An ARIMA fitted across a step is misspecified and recovers only slowly.
+4. A value beyond ``surprise_z`` sigmas (and 10%) of the forecast is a surprise; if the next one is
+   beyond the same band on the same side, that is a level shift and the window restarts at it. An
+   ARIMA fitted across a step is misspecified and recovers only slowly. The surprise is dropped
+   too: live intervals do not line up with a change, and the one that straddles it is a mix of
+   old and new (kept, it biased the forecast for the whole window: 661 for a load of 64-token
+   prompts after 3000-token ones). While the window refills, a further move in the shift's
+   direction restarts it again. Between a surprise and the next value the forecast is the last
+   value; the second is judged against the band from before the surprise, not a model refitted
+   on it (whose sigma the surprise itself inflates).
 
 Measured by ``python -m dopd.policy.forecast`` on the 2-core dev box: hr ~1 ms per observe+predict
 amortised (one reselection, six Hannan-Rissanen fits, ~12 ms; statsmodels' per-call overhead is
@@ -37,6 +44,13 @@ METHODS = ("arima", "ewma", "last")
 ESTIMATORS = ("hr", "mle")
 # Up to one AR and one MA term: enough for one-step load forecasts, and what _kalman handles.
 CANDIDATES = [(1, 0, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 0), (1, 1, 1)]
+# After a level shift, a further move in its direction by this share of it means the change is
+# still under way (it spans more than one interval): the window starts again there.
+SETTLING_SHARE = 0.25
+# A change of less than this share of the level is never a surprise, whatever the fit's sigma: on
+# five points sigma can come out at a third of the noise, and a 10% change in load is the
+# model's to follow, not a reason to forget the window.
+SURPRISE_FLOOR = 0.1
 
 
 @dataclass(slots=True)
@@ -127,8 +141,10 @@ class Forecaster:
         self._ewma = 0.0
         self._fit: _Fit | None = None
         self._num_since_fit = 0
-        self._last_miss = 0.0  # signed miss of the previous observation if it was a surprise, else 0
-        self._cached: float | None = None
+        # (expected, threshold) of the model before the last observation, if that was a surprise
+        self._surprise: tuple[float, float] | None = None
+        self._shift = 0.0  # signed size of the last level shift while the window refills after it, else 0
+        self._cached: float | None = None  # the model's forecast
 
     @property
     def num_points(self) -> int:
@@ -139,32 +155,51 @@ class Forecaster:
         value = float(value)
         if not math.isfinite(value):
             return  # a broken measurement must not poison the window
-        miss = 0.0
-        if self.method == "arima" and len(self._values) >= self.min_points:
-            expected = self.predict()  # first: it may (re)fit, and the fit's sigma is the yardstick
+        if self._surprise is not None:
+            expected, threshold = self._surprise
+            self._surprise = None
+            if abs(value - expected) > threshold and (value - expected) * (self._values[-1] - expected) > 0:
+                # A level shift: history before it now misleads, and so does the first surprise, which
+                # in a live system is an interval that straddled the change (half old load, half new).
+                self._restart(shift=value - expected)
+        elif self._shift and (value - self._values[-1]) * self._shift > 0 \
+                and abs(value - self._values[-1]) > SETTLING_SHARE * abs(self._shift):
+            self._restart(shift=self._shift)  # the change is still under way: start again from here
+        elif self.method == "arima" and len(self._values) >= self.min_points:
+            expected = self._model()  # first: it may (re)fit, and the fit's sigma is the yardstick
             if self._fit is not None:
                 sigma = self._fit.sigma
             else:  # no model: in a constant window any change is a surprise, otherwise none is
                 sigma = 0.0 if min(self._values) == max(self._values) else math.inf
-            if abs(value - expected) > max(self.surprise_z * sigma, 1e-9 * abs(value)):
-                miss = value - expected
-        if miss * self._last_miss > 0:  # a level shift: history before it now misleads
-            kept = self._values[-1]
-            self._values.clear()
-            self._values.append(kept)
-            self._ewma, self._fit, miss = kept, None, 0.0
-        self._last_miss = miss
+            threshold = max(self.surprise_z * sigma, SURPRISE_FLOOR * abs(expected), 1e-9)
+            if abs(value - expected) > threshold:
+                self._surprise = (expected, threshold)
         self._ewma = value if not self._values else self.alpha * value + (1 - self.alpha) * self._ewma
         self._values.append(value)
+        if len(self._values) >= self.min_points:
+            self._shift = 0.0
         self._num_since_fit += 1
         self._cached = None
 
+    def _restart(self, shift: float) -> None:
+        self._values.clear()
+        self._fit, self._shift = None, shift
+
     def predict(self) -> float:
-        """Forecast of the next value: >= 0, finite, 0.0 before any observation. Cached until observe."""
+        """Forecast of the next value: >= 0, finite, 0.0 before any observation.
+
+        Right after a surprise, the last value: the model, refitted on a window that now holds the
+        surprise, extrapolates a step wildly (from 3000 down to 64 it said 0). If the surprise was
+        a blip, the next value says so.
+        """
         if not self._values:
             return 0.0
+        return max(0.0, self._values[-1] if self._surprise else self._model())
+
+    def _model(self) -> float:
+        """The model's one-step forecast, cached until the next observation."""
         if self._cached is None:
-            self._cached = max(0.0, self._predict())
+            self._cached = self._predict()
         return self._cached
 
     def _predict(self) -> float:
