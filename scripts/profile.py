@@ -3,8 +3,9 @@
 Times one engine step (`ModelRunner.execute`, the worker's forward pass and sampling) over a grid
 of batch shapes — prefills of one or several prompts, chunks on top of cached tokens, decode
 batches over a range of sizes and contexts — then fits the DistServe-form coefficients
-(`dopd.sim.costmodel.fit`) on part of the grid and reports the error on the rest, shapes the fit
-never saw. The profile is written as JSON for `--model-profile` (server, mock engine, simulator);
+(`dopd.sim.costmodel.fit`; on CPU decodes of under Linear.MIN_PACKED_ROWS sequences, which run
+the plain GEMV, as a regime of their own) on part of the grid and reports the error on the rest,
+shapes the fit never saw. The profile is written as JSON for `--model-profile` (server, mock engine, simulator);
 the default path is the one the server looks in for this model and device.
 
     python scripts/profile.py [--model smollm2] [--threads 1] [--out FILE]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -34,6 +36,7 @@ from dopd.scheduler import ScheduledBatch  # noqa: E402
 from dopd.sequence import Sequence  # noqa: E402
 from dopd.sim.costmodel import CostModel, Link, fit, relative_errors  # noqa: E402
 from dopd.workers import loader  # noqa: E402
+from dopd.workers.model import Linear  # noqa: E402
 from dopd.workers.runner import ModelRunner, RunnerSpec  # noqa: E402
 
 PARAMS = SamplingParams(max_tokens=None, temperature=0.0)
@@ -44,7 +47,7 @@ PREFILL_GRID = [[(n, 0)] for n in (16, 32, 64, 128, 192, 256, 384, 512)] + [
 PREFILL_HELD_OUT = [[(96, 0)], [(320, 0)], [(48, 0)] * 3, [(200, 100)], [(160, 0), (32, 0)]]
 # (batch size, context per sequence); shapes beyond the worker's KV pool are dropped, since a
 # worker never runs them (and the profile's sequences would share blocks, faster than real ones).
-DECODE_GRID = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64) for c in (16, 128, 256, 512, 1024)]
+DECODE_GRID = [(b, c) for b in (1, 2, 3, 4, 8, 16, 32, 64) for c in (16, 128, 256, 512, 1024)]
 DECODE_HELD_OUT = [(3, 300), (12, 64), (20, 400), (48, 200), (6, 900), (40, 250)]
 
 
@@ -63,24 +66,28 @@ def make_batch(runner: ModelRunner, shapes: list[tuple[int, int]]) -> ScheduledB
     return batch
 
 
-def time_step(runner: ModelRunner, batch: ScheduledBatch, repeat: int) -> float:
-    runner.execute(batch)  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        runner.execute(batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def measure(runner: ModelRunner, prefill: list, decode: list, rounds: int, seed: int = 0) -> list:
+    """Samples (kind, shape, median seconds) for every shape given.
 
-
-def measure(runner: ModelRunner, prefill: list, decode: list, repeat: int) -> list:
-    samples = []
-    for shapes in prefill:
-        samples.append(("prefill", shapes, time_step(runner, make_batch(runner, shapes), repeat)))
-    for batch_size, context in decode:
-        batch = make_batch(runner, [(1, context - 1)] * batch_size)
-        samples.append(("decode", (batch_size, batch_size * context), time_step(runner, batch, repeat)))
-    return samples
+    Every shape is timed once per round, in a new random order each round: on a shared VM whose
+    speed drifts by tens of percent over a minute, timing the fitted grid first and the held-out
+    shapes after it made the whole held-out set look 10-20% faster than the fit (a drift, not an
+    error of the model).
+    """
+    items = [("prefill", shapes, make_batch(runner, shapes)) for shapes in prefill]
+    items += [("decode", (b, b * c), make_batch(runner, [(1, c - 1)] * b)) for b, c in decode]
+    for _, _, batch in items:
+        runner.execute(batch)  # warm-up
+    times: list[list[float]] = [[] for _ in items]
+    order = list(range(len(items)))
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for i in order:
+            start = time.perf_counter()
+            runner.execute(items[i][2])
+            times[i].append(time.perf_counter() - start)
+    return [(kind, shape, statistics.median(t)) for (kind, shape, _), t in zip(items, times)]
 
 
 def copy_bandwidth() -> float:
@@ -98,7 +105,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, as a worker gets (cores / workers)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9, help="timings of each shape (their median is used)")
     parser.add_argument("--out", type=Path, default=None, help="default: dopd/profiles/<device>-<model dir>.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,8 +118,13 @@ def main() -> None:
     too_big = [(b, c) for b, c in DECODE_GRID + DECODE_HELD_OUT if b * blocks_needed(c, runner.block_size) > runner.num_blocks]
     if too_big:
         print(f"left out, beyond the {runner.num_blocks}-block KV pool: {too_big}", file=sys.stderr)
-    fitted = measure(runner, PREFILL_GRID, [s for s in DECODE_GRID if s not in too_big], args.repeat)
-    held_out = measure(runner, PREFILL_HELD_OUT, [s for s in DECODE_HELD_OUT if s not in too_big], args.repeat)
+    decode_grid = [s for s in DECODE_GRID if s not in too_big]
+    decode_held_out = [s for s in DECODE_HELD_OUT if s not in too_big]
+    samples = measure(runner, PREFILL_GRID + PREFILL_HELD_OUT, decode_grid + decode_held_out, args.rounds)
+    is_held_out = [False] * len(PREFILL_GRID) + [True] * len(PREFILL_HELD_OUT) \
+        + [False] * len(decode_grid) + [True] * len(decode_held_out)
+    fitted = [x for x, held in zip(samples, is_held_out) if not held]
+    held_out = [x for x, held in zip(samples, is_held_out) if held]
     element = torch.empty((), dtype=runner.kv_dtype).element_size()
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     bandwidth = copy_bandwidth() if device.type == "cpu" else 0.0
@@ -123,7 +135,11 @@ def main() -> None:
         hardware=device.type, link=Link("shared-memory" if device.type == "cpu" else "cuda-ipc", bandwidth or 1e11,
                                         50e-6),
     )
-    model = fit(fitted, base=base, name=base.name)
+    # Below this many rows our CPU Linear runs the plain GEMV, not the packed GEMM: another regime
+    # (if any weight is large enough to be packed at all).
+    packed = any(getattr(m, "packed", None) is not None for m in runner.model.modules())
+    small_rows = Linear.MIN_PACKED_ROWS if packed else 0
+    model = fit(fitted, base=base, name=base.name, small_batch_rows=small_rows)
     errors = relative_errors(model, held_out)
     out = args.out or ROOT / "dopd" / "profiles" / f"{device.type}-{model_dir.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -177,3 +177,24 @@ def test_scaled():
     slow = cm.scaled(prefill=2.0, decode=1.5)
     assert slow.prefill_time([3000]) == pytest.approx(2 * cm.prefill_time([3000]))
     assert slow.decode_time(16, 16_000) == pytest.approx(1.5 * cm.decode_time(16, 16_000))
+
+
+def test_small_batch_regime_is_fitted_and_used_only_for_pure_small_decodes(tmp_path):
+    # The CPU engine's decode: GEMV below 4 rows (cheap constant, steep per row), packed GEMM from
+    # 4 (a jump, then flat): one line through both misses batch 3 by ~20%.
+    truth = CostModel("cpu-like", 0.02, 1e-3, 1e-8, 0.075, 2e-6, 1.5e-3, small_batch_rows=4,
+                      small_decode_a=0.050, small_decode_c=4e-3)
+    grid = [(b, b * c) for b in (1, 2, 3, 4, 8, 16, 32) for c in (16, 256, 1024)]
+    samples = [("decode", shape, truth.decode_time(*shape)) for shape in grid]
+    samples += [("prefill", [n], truth.prefill_time([n])) for n in (64, 256, 1024, 2048)]
+    held_out = [("decode", (3, 900), truth.decode_time(3, 900)), ("decode", (6, 5400), truth.decode_time(6, 5400))]
+    one_line = fit(samples)
+    assert one_line.small_batch_rows == 0 and max(abs(e) for e in relative_errors(one_line, held_out)) > 0.1
+    two = fit(samples, small_batch_rows=4)
+    assert max(abs(e) for e in relative_errors(two, held_out)) < 1e-6
+    assert (two.small_decode_a, two.small_decode_c) == (pytest.approx(0.050), pytest.approx(4e-3))
+    # a mixed step has prefill rows as well: the large regime
+    assert two.step_time(16, 256, 2, 2000) == pytest.approx(max(two.prefill_time([16]), two.decode_a) + 2e-6 * 2000 + 1.5e-3 * 2)
+    assert two.scaled(decode=2.0).decode_time(2, 100) == pytest.approx(2 * two.decode_time(2, 100))
+    two.save(tmp_path / "p.json")
+    assert CostModel.load(tmp_path / "p.json") == two

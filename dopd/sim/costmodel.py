@@ -152,7 +152,8 @@ def attn_work(num_new_tokens: int, num_cached_tokens: int = 0) -> int:
     return num_new_tokens * (2 * num_cached_tokens + num_new_tokens)
 
 
-COEFS = ("prefill_a", "prefill_b", "prefill_c", "decode_a", "decode_b", "decode_c")
+COEFS = ("prefill_a", "prefill_b", "prefill_c", "decode_a", "decode_b", "decode_c", "small_decode_a",
+         "small_decode_c")
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,13 @@ class CostModel:
     decode_a: float  # s per step
     decode_b: float  # s per token of context
     decode_c: float  # s per sequence
+    # A pure decode step of fewer than `small_batch_rows` sequences runs other matmul kernels (on CPU
+    # our engine's GEMV below Linear.MIN_PACKED_ROWS rows, faster there than the packed GEMM, with a
+    # jump at the switch no single line follows): its own constant and per-sequence cost, the same
+    # per-context-token one. 0: one regime (the GPU presets).
+    small_batch_rows: int = 0
+    small_decode_a: float = 0.0
+    small_decode_c: float = 0.0
     kv_bytes_per_token: int = 0
     kv_capacity_tokens: int = 0  # per worker (all its GPUs)
     weight_bytes: int = 0
@@ -184,6 +192,8 @@ class CostModel:
         so a mixed step pays the larger of the two constants, not both. With no decodes this is the
         floored prefill form, with no prefill exactly the decode form.
         """
+        if num_decodes and not num_prefill_tokens and num_decodes < self.small_batch_rows:
+            return self.small_decode_a + self.decode_b * sum_decode_context + self.small_decode_c * num_decodes
         decode = self.decode_b * sum_decode_context + self.decode_c * num_decodes if num_decodes else 0.0
         if num_prefill_tokens > 0:
             prefill = self.prefill_a + self.prefill_b * num_prefill_tokens + self.prefill_c * prefill_attn_work
@@ -203,8 +213,8 @@ class CostModel:
 
     def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> CostModel:
         """Times multiplied by measured/predicted correction factors (the paper's p_corr, d_corr)."""
-        factor = {"prefill": prefill, "decode": decode}
-        return dataclasses.replace(self, **{k: getattr(self, k) * factor[k.split("_")[0]] for k in COEFS})
+        return dataclasses.replace(self, **{k: getattr(self, k) * (prefill if k.startswith("prefill") else decode)
+                                            for k in COEFS})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -324,25 +334,36 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best / scale
 
 
-def fit(samples: list[Sample], base: CostModel | None = None, name: str = "fitted") -> CostModel:
-    """Fit the six step-time coefficients (≥ 0) to measured steps; memory facts come from `base`.
+def fit(samples: list[Sample], base: CostModel | None = None, name: str = "fitted",
+        small_batch_rows: int = 0) -> CostModel:
+    """Fit the step-time coefficients (≥ 0) to measured steps; memory facts come from `base`.
 
-    Decode is fitted first; prefill steps that sit on the weight-streaming floor (within 10 % of the
-    fitted a_d) carry no information about a_p, b_p, c_p and are left out. A kind with no samples keeps
-    `base`'s coefficients (zeros without one).
+    Decode is fitted first: batches of `small_batch_rows` and more in DistServe's form; smaller ones,
+    if `small_batch_rows` is set, get their own constant and per-sequence cost with the per-context
+    cost of the others. Prefill steps that sit on the weight-streaming floor (within 10 % of the
+    fitted a_d) carry no information about a_p, b_p, c_p and are left out. A kind with no samples
+    keeps `base`'s coefficients (zeros without one).
     """
     if any(t <= 0 for _, _, t in samples):
         raise ValueError("measured step times must be positive")
     ref = base or CostModel(name, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     rows = {kind: [(_features(k, shape), t) for k, shape, t in samples if k == kind] for kind in ("prefill", "decode")}
+    small = [r for r in rows["decode"] if r[0][2] < small_batch_rows]
+    large = [r for r in rows["decode"] if r[0][2] >= small_batch_rows]
     da, db, dc = ref.decode_a, ref.decode_b, ref.decode_c
-    if rows["decode"]:
-        da, db, dc = nnls(np.array([f for f, _ in rows["decode"]]), np.array([t for _, t in rows["decode"]]))
+    if large:
+        da, db, dc = nnls(np.array([f for f, _ in large]), np.array([t for _, t in large]))
+    sa, sc = ref.small_decode_a, ref.small_decode_c
+    if small:
+        rest = np.array([t - db * f[1] for f, t in small])  # what is left for a_s + c_s·bs
+        sa, sc = nnls(np.array([[1.0, f[2]] for f, _ in small]), np.maximum(rest, 1e-9))
     pa, pb, pc = ref.prefill_a, ref.prefill_b, ref.prefill_c
     above = [r for r in rows["prefill"] if r[1] > 1.1 * da]
     if prefill_rows := above if len(above) >= 3 else rows["prefill"]:
         pa, pb, pc = nnls(np.array([f for f, _ in prefill_rows]), np.array([t for _, t in prefill_rows]))
-    return dataclasses.replace(ref, name=name, **{k: float(v) for k, v in zip(COEFS, (pa, pb, pc, da, db, dc))})
+    coefs = dict(zip(COEFS, (pa, pb, pc, da, db, dc, sa, sc)))
+    return dataclasses.replace(ref, name=name, small_batch_rows=small_batch_rows if small else 0,
+                               **{k: float(v) for k, v in coefs.items()})
 
 
 def relative_errors(model: CostModel, samples: list[Sample]) -> list[float]:
