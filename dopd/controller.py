@@ -238,6 +238,10 @@ class Controller:
         w.last_heard = time.monotonic()
         if isinstance(msg, StepResult):
             w.stats = msg.stats
+            st = msg.stats
+            if self.policy is not None and w.role == Role.DECODE and st.step_tokens and not st.num_prefill_tokens:
+                used = (st.kv_blocks_total - st.kv_blocks_free) * self._block_size()
+                self.resources.on_decode_step(st.step_tokens, used, st.step_time)
             # In the order they happened: adoptions were done before the step, parking at its end.
             for adopted in msg.adopted:
                 self._on_adopted(w, adopted)

@@ -1,5 +1,6 @@
 """The DOPD policy's emergency path on hand-made snapshots (pure: no server, no clock)."""
 
+import dataclasses
 from pathlib import Path
 
 import dopd
@@ -118,3 +119,27 @@ def test_a_request_that_waited_past_the_ttft_slo_is_placed_on_kv_room_alone():
     assert admission(pol, 16, waited=2.0, patience=SLO_.ttft) is None
     assert pick_decode_worker(full, 10, admits=admission(pol, 16, waited=2.0, patience=SLO_.ttft)) == 1
     assert admission(object(), 16) is None  # a policy without an admission check
+
+
+def test_decode_correction_follows_decode_step_times_not_tpot_inflated_by_handoff_waits():
+    """Requests that wait for decode room after their first token show a long TPOT, but the decode
+    workers' steps take what the profile says: the correction must stay at 1. Corrected from TPOT,
+    it climbed, admission held more requests back, and their TPOT grew further."""
+    from dopd.policy.resources import IntervalStats
+
+    pol = policy()
+    step = COST.decode_time(32, 32 * 2000)
+    for k in range(10):
+        stats = IntervalStats(start=10.0 * k, end=10.0 * (k + 1), num_arrivals=50, arrival_rate=5.0,
+                              mean_input_len=1000.0, var_input_len=0.0, mean_output_len=200.0, num_finished=50,
+                              num_failed=0, ttft_p50=0.3, ttft_p90=0.5, tpot_p50=4 * step, tpot_p90=6 * step,
+                              attainment=0.5, queued_prefill_requests=0, handoff_queue=20, decode_batch=32.0,
+                              decode_steps=((32, 32 * 2000, step, 200),))
+        snap = Snapshot(now=10.0 * (k + 1), workers=one_p_one_d(), interval=stats, queued_prefill_tokens=0,
+                        queued_prefill_requests=0, handoff_queue=20, moving=False)
+        pol.decide(snap)
+    assert abs(pol.decode_correction.value - 1.0) < 1e-9
+    slow = dataclasses.replace(stats, start=100.0, end=110.0, decode_steps=((32, 32 * 2000, 2 * step, 200),))
+    pol.decide(Snapshot(now=110.0, workers=one_p_one_d(), interval=slow, queued_prefill_tokens=0,
+                        queued_prefill_requests=0, handoff_queue=20, moving=False))
+    assert pol.decode_correction.value > 1.2  # steps really twice as slow: it moves

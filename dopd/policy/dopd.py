@@ -22,7 +22,8 @@ from dopd.messages import Role
 from dopd.metrics import SLO
 from dopd.policy.base import Decision, PolicyConfig, Snapshot, plan_moves
 from dopd.policy.forecast import CorrectionFactor, LoadForecast
-from dopd.policy.ratio import Split, decode_concurrency, expected_prefill_cost, mean_context, optimal_split
+from dopd.policy.ratio import Split, decode_concurrency, expected_prefill_cost, optimal_split
+from dopd.policy.resources import decode_step_seconds
 from dopd.policy.routing import WorkerView
 from dopd.sim.costmodel import CostModel, attn_work
 
@@ -71,10 +72,8 @@ class DopdPolicy:
             # TTFT of an interval without a prefill queue is service time, not waiting
             self.prefill_correction.update(s.ttft_p50, expected_prefill_cost(self.cost, s.mean_input_len,
                                                                              s.var_input_len))
-        if s.tpot_p50 is not None and s.decode_batch >= 1:
-            ctx = mean_context(s.mean_input_len, s.mean_output_len or 1)
-            batch = round(s.decode_batch)
-            self.decode_correction.update(s.tpot_p50, self.cost.decode_time(batch, int(batch * ctx)))
+        if steps := decode_step_seconds(s, self.cost):
+            self.decode_correction.update(*steps)
 
     def _target(self, snap: Snapshot, load: float = 1.0) -> Split:
         p = self.prediction

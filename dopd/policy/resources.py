@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dopd.metrics import SLO, RequestRecord, meets, tpot
+from dopd.sim.costmodel import CostModel
+
+
+MAX_DECODE_STEPS = 4096  # per interval: plenty for a ratio, bounded memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +37,8 @@ class IntervalStats:
     handoff_queue: int
     kv_usage: dict[int, float] = field(default_factory=dict)  # per worker
     decode_batch: float = 0.0  # mean running requests per decode worker at the end
+    # Pure decode steps of decode workers: (sequences, context tokens, seconds a step, steps)
+    decode_steps: tuple[tuple[int, int, float, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -43,12 +49,18 @@ class ResourceMonitor:
     _max_tokens: list[int] = field(default_factory=list)
     _finished: list[RequestRecord] = field(default_factory=list)
     _finished_max_tokens: list[int] = field(default_factory=list)
+    _decode_steps: list[tuple[int, int, float, int]] = field(default_factory=list)
     _output_share: float = 1.0  # output length / max_tokens of finished requests (EWMA)
     _last_output_len: float = 0.0
 
     def on_arrival(self, input_len: int, max_tokens: int) -> None:
         self._input_lens.append(input_len)
         self._max_tokens.append(max_tokens)
+
+    def on_decode_step(self, num_seqs: int, context_tokens: int, seconds: float, num_steps: int = 1) -> None:
+        """A decode worker ran `num_steps` steps of decodes only, `seconds` each."""
+        if len(self._decode_steps) < MAX_DECODE_STEPS:
+            self._decode_steps.append((num_seqs, context_tokens, seconds, num_steps))
 
     def on_finish(self, record: RequestRecord, max_tokens: int = 0) -> None:
         self._finished.append(record)
@@ -85,7 +97,24 @@ class ResourceMonitor:
             attainment=sum(meets(r, self.slo) for r in done) / len(done) if done else None,
             queued_prefill_requests=queued_prefill_requests, handoff_queue=handoff_queue, kv_usage=dict(kv_usage),
             decode_batch=float(np.mean(decode_running)) if decode_running else 0.0,
+            decode_steps=tuple(self._decode_steps),
         )
         self.started = now
         self._input_lens, self._max_tokens, self._finished, self._finished_max_tokens = [], [], [], []
+        self._decode_steps = []
         return stats
+
+
+def decode_step_seconds(stats: IntervalStats, cost: CostModel) -> tuple[float, float] | None:
+    """(measured, modelled) seconds of the interval's pure decode steps, for the decode correction.
+
+    From the workers' own step times, not from requests' TPOT: a TPOT also holds the wait of a
+    prefilled request for decode room, and a correction inflated by that wait made admission hold
+    more requests back, which inflated the next TPOT (on the CPU engine the correction sat at its
+    3x clamp and every handoff waited for an empty decoder).
+    """
+    if not stats.decode_steps:
+        return None
+    measured = sum(seconds * n for _, _, seconds, n in stats.decode_steps)
+    modelled = sum(cost.decode_time(seqs, ctx) * n for seqs, ctx, _, n in stats.decode_steps)
+    return measured, modelled

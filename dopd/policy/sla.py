@@ -16,6 +16,7 @@ from dopd.metrics import SLO
 from dopd.policy.base import Decision, PolicyConfig, Snapshot, plan_moves
 from dopd.policy.forecast import CorrectionFactor, LoadForecast
 from dopd.policy.ratio import clamp, decode_concurrency, mean_context
+from dopd.policy.resources import decode_step_seconds
 from dopd.sim.costmodel import CostModel
 
 
@@ -38,10 +39,8 @@ class SlaPolicy:
         isl, osl = max(1.0, p.mean_input_len), max(1.0, p.mean_output_len)
         if s.ttft_p50 is not None and s.mean_input_len:
             self.prefill_correction.update(s.ttft_p50, self.cost.prefill_time([int(s.mean_input_len)]))
-        if s.tpot_p50 is not None and s.decode_batch >= 1:
-            batch = round(s.decode_batch)
-            ctx = mean_context(s.mean_input_len, s.mean_output_len or 1)
-            self.decode_correction.update(s.tpot_p50, self.cost.decode_time(batch, int(batch * ctx)))
+        if steps := decode_step_seconds(s, self.cost):
+            self.decode_correction.update(*steps)
         if snap.moving:
             return []
         prefill_tps = isl / (self.cost.prefill_time([int(isl)]) * self.prefill_correction.value)

@@ -251,6 +251,10 @@ class Simulator:
     def _step_done(self, w: SimWorker) -> int:
         """Apply a finished step (or decode run) as `EngineCore.step` does; returns requests finished."""
         batch, w.busy, w.batch = w.batch, False, None
+        if w.role == Role.DECODE and all(n == 1 for n in batch.num_new_tokens):
+            context = sum(seq.num_computed_tokens + 1 for seq in batch.seqs)
+            self.monitor.on_decode_step(len(batch.seqs), context, self._run_time(w, w.run_steps) / w.run_steps,
+                                        w.run_steps)
         finished = 0
         live = self.live
         if w.run_steps > 1:  # the run's earlier steps: one token each, blocks as the scheduler grows them
