@@ -2,8 +2,9 @@
 
 Each monitoring interval:
 1. observe the interval (rate, ISL mean and variance, OSL) and forecast the next one (ARIMA);
-2. update the correction factors (measured / cost-model TTFT and TPOT), ignoring intervals in
-   which a worker had just changed role — its first steps would skew the estimate (Dynamo #12430);
+2. update the correction factors (measured / cost-model TTFT, and decode workers' step times),
+   ignoring intervals in which a worker had just changed role — its first steps would skew the
+   estimate (Dynamo #12430);
 3. compute the split for the forecast (`ratio.optimal_split`) and move toward it — at once when it
    adds capacity; when it takes capacity away, only if the split at 25% more load takes it away
    too (a dead band), and after it was asked for twice running unless the shrinking role plainly

@@ -109,9 +109,8 @@ def decode_step_seconds(stats: IntervalStats, cost: CostModel) -> tuple[float, f
     """(measured, modelled) seconds of the interval's pure decode steps, for the decode correction.
 
     From the workers' own step times, not from requests' TPOT: a TPOT also holds the wait of a
-    prefilled request for decode room, and a correction inflated by that wait made admission hold
-    more requests back, which inflated the next TPOT (on the CPU engine the correction sat at its
-    3x clamp and every handoff waited for an empty decoder).
+    prefilled request for decode room, and a correction inflated by that wait makes admission hold
+    more requests back, which inflates the next TPOT — a loop that only the correction's clamp ends.
     """
     if not stats.decode_steps:
         return None
