@@ -237,11 +237,10 @@ class Controller:
     def _on_message(self, w: WorkerHandle, msg) -> None:
         w.last_heard = time.monotonic()
         if isinstance(msg, StepResult):
-            w.stats = msg.stats
-            st = msg.stats
-            if self.policy is not None and w.role == Role.DECODE and st.step_tokens and not st.num_prefill_tokens:
-                used = (st.kv_blocks_total - st.kv_blocks_free) * self._block_size()
-                self.resources.on_decode_step(st.step_tokens, used, st.step_time)
+            w.stats = stats = msg.stats
+            if self.policy is not None and w.role == Role.DECODE and stats.step_tokens and not stats.num_prefill_tokens:
+                used = (stats.kv_blocks_total - stats.kv_blocks_free) * self._block_size()
+                self.resources.on_decode_step(stats.step_tokens, used, stats.step_time)
             # In the order they happened: adoptions were done before the step, parking at its end.
             for adopted in msg.adopted:
                 self._on_adopted(w, adopted)
@@ -548,8 +547,7 @@ class Controller:
         if close_interval:
             live = [w for w in self.workers.values() if w.alive]
             kv = {w.id: 1 - w.stats.kv_blocks_free / w.stats.kv_blocks_total for w in live if w.stats.kv_blocks_total}
-            decode_running = [w.stats.num_running for w in live if w.role == Role.DECODE]
-            interval = self.resources.close(now, kv, decode_running, self._queued_prefill()[1], len(self.handoffs))
+            interval = self.resources.close(now, kv, self._queued_prefill()[1], len(self.handoffs))
         tokens, requests = self._queued_prefill()
         return Snapshot(now=now, workers=views, interval=interval, queued_prefill_tokens=tokens,
                         queued_prefill_requests=requests, handoff_queue=len(self.handoffs), moving=bool(self.moves),

@@ -133,7 +133,7 @@ def test_decode_correction_follows_decode_step_times_not_tpot_inflated_by_handof
         stats = IntervalStats(start=10.0 * k, end=10.0 * (k + 1), num_arrivals=50, arrival_rate=5.0,
                               mean_input_len=1000.0, var_input_len=0.0, mean_output_len=200.0, num_finished=50,
                               num_failed=0, ttft_p50=0.3, ttft_p90=0.5, tpot_p50=4 * step, tpot_p90=6 * step,
-                              attainment=0.5, queued_prefill_requests=0, handoff_queue=20, decode_batch=32.0,
+                              attainment=0.5, queued_prefill_requests=0, handoff_queue=20,
                               decode_steps=((32, 32 * 2000, step, 200),))
         snap = Snapshot(now=10.0 * (k + 1), workers=one_p_one_d(), interval=stats, queued_prefill_tokens=0,
                         queued_prefill_requests=0, handoff_queue=20, moving=False)

@@ -19,9 +19,9 @@ simulated interval, thousands of times, so ``"arima"`` keeps auto_arima's proced
    too: live intervals do not line up with a change, and the one that straddles it is a mix of
    old and new (kept, it biased the forecast for the whole window: 661 for a load of 64-token
    prompts after 3000-token ones). If the next value moves on in the shift's direction (a change
-   over several intervals), the window restarts there again. Between a surprise and the next value the forecast is the last
-   value; the second is judged against the band from before the surprise, not a model refitted
-   on it (whose sigma the surprise itself inflates).
+   over several intervals), the window restarts there again. Between a surprise and the next
+   value the forecast is the last value; the second is judged against the band from before the
+   surprise, not a model refitted on it (whose sigma the surprise itself inflates).
 
 Measured by ``python -m dopd.policy.forecast`` on the 2-core dev box: hr ~1 ms per observe+predict
 amortised (one reselection, six Hannan-Rissanen fits, ~12 ms; statsmodels' per-call overhead is

@@ -1,7 +1,7 @@
 """The resource monitor (DOPD §2): what the last interval looked like, as numbers the policy uses.
 
-Fed by the controller (or the simulator) with arrivals and finished requests; `close(now, ...)`
-ends the interval and returns its statistics. Pure: the caller passes the time.
+Fed by the controller (or the simulator) with arrivals, decode steps and finished requests;
+`close(now, ...)` ends the interval and returns its statistics. Pure: the caller passes the time.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import numpy as np
 
 from dopd.metrics import SLO, RequestRecord, meets, tpot
 from dopd.sim.costmodel import CostModel
-
 
 MAX_DECODE_STEPS = 4096  # per interval: plenty for a ratio, bounded memory
 
@@ -36,7 +35,6 @@ class IntervalStats:
     queued_prefill_requests: int
     handoff_queue: int
     kv_usage: dict[int, float] = field(default_factory=dict)  # per worker
-    decode_batch: float = 0.0  # mean running requests per decode worker at the end
     # Pure decode steps of decode workers: (sequences, context tokens, seconds a step, steps)
     decode_steps: tuple[tuple[int, int, float, int], ...] = ()
 
@@ -68,7 +66,7 @@ class ResourceMonitor:
             self._finished_max_tokens.append(max_tokens)
             self._output_share += 0.05 * (min(1.0, record.output_len / max_tokens) - self._output_share)
 
-    def close(self, now: float, kv_usage: dict[int, float], decode_running: list[int],
+    def close(self, now: float, kv_usage: dict[int, float],
               queued_prefill_requests: int, handoff_queue: int) -> IntervalStats:
         span = max(1e-9, now - self.started)
         lens = np.asarray(self._input_lens, dtype=float)
@@ -96,7 +94,6 @@ class ResourceMonitor:
             ttft_p50=pct(ttfts, 50), ttft_p90=pct(ttfts, 90), tpot_p50=pct(tpots, 50), tpot_p90=pct(tpots, 90),
             attainment=sum(meets(r, self.slo) for r in done) / len(done) if done else None,
             queued_prefill_requests=queued_prefill_requests, handoff_queue=handoff_queue, kv_usage=dict(kv_usage),
-            decode_batch=float(np.mean(decode_running)) if decode_running else 0.0,
             decode_steps=tuple(self._decode_steps),
         )
         self.started = now

@@ -351,8 +351,7 @@ class Simulator:
         interval = None
         if closing:
             kv = {w.id: w.scheduler.allocator.usage for w in self.workers}
-            running = [len(w.scheduler.running) for w in self.workers if w.role == Role.DECODE]
-            interval = self.monitor.close(self.now, kv, running, waiting, len(self.handoffs))
+            interval = self.monitor.close(self.now, kv, waiting, len(self.handoffs))
             self.timeline.append({"time": self.now, "rate": interval.arrival_rate,
                                   **{r.name.lower(): sum(w.role == r for w in self.workers) for r in Role}})
         return Snapshot(self.now, self._views(), interval, queued, waiting, len(self.handoffs), bool(self.moves),
