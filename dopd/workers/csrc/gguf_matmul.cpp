@@ -1,0 +1,108 @@
+// y[M,N] = x[M,K] @ W[N,K]^T for W kept in GGUF's 32-weight block formats, Q4_1 and Q8_0.
+//
+// Each weight is dequantised exactly as gguf-py does (Q4_1: d*q + m, Q8_0: d*q, in float32; d*q
+// is exact, so a fused multiply-add rounds as numpy's two ops do): the matrix is the float32 one
+// transformers loads, read at 0.75 (Q4_1) or 1.125 (Q8_0) bytes a weight instead of 4.
+//
+// Layout (made by dopd/workers/gguf.py): rows in panels of 16, and within a panel the codes of the
+// 16 rows for one k side by side, so one vector holds one k of 16 outputs and a tile accumulates
+// x[m,k] * w[k, 16 rows] with no horizontal sums. Q4_1 packs k (low nibble) and k+1 (high nibble)
+// of a row in one byte. Scales (and Q4_1's minimums) are float32, [panel, K/32, 16].
+//
+// AVX-512 (the Python side builds this only where the CPU has it); threads from OpenMP, which
+// resolves to the libgomp torch has loaded, so it shares torch's thread team.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int kBlock = 32;  // weights per GGUF block, along K
+constexpr int kPanel = 16;  // output rows per panel: one float vector
+constexpr int kMTile = 8;   // rows of x per tile
+
+typedef __m512 f32x16;  // GCC lets +, * work on it lane by lane
+
+inline f32x16 load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, f32x16 v) { _mm512_storeu_ps(p, v); }
+inline __m128i load_bytes(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+
+// The two weight vectors (k and k+1, 16 rows each) of a panel at an even k.
+struct Q4_1 {
+  const uint8_t* codes;  // [panels, K/2, 16]
+  const float* scale;    // [panels, K/32, 16]
+  const float* min;
+  int K;
+  inline void pair(int panel, int k, f32x16& w0, f32x16& w1) const {
+    const __m512i q = _mm512_cvtepu8_epi32(load_bytes(codes + ((int64_t)panel * K + k) * 8));
+    const int64_t g = ((int64_t)panel * (K / kBlock) + k / kBlock) * kPanel;
+    const f32x16 d = load(scale + g), m = load(min + g);
+    w0 = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0F))) * d + m;
+    w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)) * d + m;
+  }
+};
+
+struct Q8_0 {
+  const int8_t* codes;  // [panels, K, 16]
+  const float* scale;   // [panels, K/32, 16]
+  int K;
+  inline void pair(int panel, int k, f32x16& w0, f32x16& w1) const {
+    const int8_t* c = codes + ((int64_t)panel * K + k) * kPanel;
+    const f32x16 d = load(scale + ((int64_t)panel * (K / kBlock) + k / kBlock) * kPanel);
+    w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load_bytes(c))) * d;
+    w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load_bytes(c + kPanel))) * d;
+  }
+};
+
+// y[0..MR, panel's 16 columns]: even and odd k accumulate apart, two independent chains per row.
+template <int MR, typename W>
+inline void tile(const float* x, int K, const W& w, int panel, float* y, int N) {
+  f32x16 even[MR] = {}, odd[MR] = {};
+  for (int k = 0; k < K; k += 2) {
+    f32x16 w0, w1;
+    w.pair(panel, k, w0, w1);
+    for (int i = 0; i < MR; ++i) {
+      even[i] += x[i * K + k] * w0;
+      odd[i] += x[i * K + k + 1] * w1;
+    }
+  }
+  for (int i = 0; i < MR; ++i) store(y + i * N + panel * kPanel, even[i] + odd[i]);
+}
+
+template <typename W>
+void matmul(const float* x, int M, int K, int N, float* y, const W& w) {
+  const int panels = N / kPanel;
+#pragma omp parallel for schedule(static)
+  for (int p = 0; p < panels; ++p) {
+    int m = 0;
+    for (; m + kMTile <= M; m += kMTile) tile<kMTile>(x + m * K, K, w, p, y + m * N, N);
+    const float* xr = x + m * K;
+    float* yr = y + m * N;
+    switch (M - m) {
+      case 7: tile<7>(xr, K, w, p, yr, N); break;
+      case 6: tile<6>(xr, K, w, p, yr, N); break;
+      case 5: tile<5>(xr, K, w, p, yr, N); break;
+      case 4: tile<4>(xr, K, w, p, yr, N); break;
+      case 3: tile<3>(xr, K, w, p, yr, N); break;
+      case 2: tile<2>(xr, K, w, p, yr, N); break;
+      case 1: tile<1>(xr, K, w, p, yr, N); break;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Shapes: K a multiple of 32, N of 16; x and y row-major float32.
+void dopd_q4_1_matmul(const float* x, int M, int K, int N, const uint8_t* codes, const float* scale,
+                      const float* min, float* y) {
+  matmul(x, M, K, N, y, Q4_1{codes, scale, min, K});
+}
+
+void dopd_q8_0_matmul(const float* x, int M, int K, int N, const int8_t* codes, const float* scale, float* y) {
+  matmul(x, M, K, N, y, Q8_0{codes, scale, K});
+}
+
+}
