@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from dopd.workers import gguf
+from dopd.workers.cpu_kernels import library
 
-needs_kernel = pytest.mark.skipif(gguf.kernel() is None, reason="the GGUF kernel needs AVX-512 and g++")
+needs_kernel = pytest.mark.skipif(library() is None, reason="our CPU kernels need AVX-512 and g++")
 
 
 def q4_1_bytes(d: float, m: float, codes: list[int]) -> bytes:

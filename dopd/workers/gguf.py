@@ -4,8 +4,9 @@ The embedded SmolLM2 ships as GGUF: its projections in Q4_1 (32 weights share a 
 and minimum m, each weight a 4-bit q: w = d*q + m), its embedding, which is also the tied LM head,
 in Q8_0 (w = d*q, q an int8). transformers dequantises them to float32 and so do we, but a decode
 step over float32 weights reads 537 MB and is bound by memory bandwidth. Kept as blocks, the same
-weights are 0.75 (Q4_1) or 1.125 (Q8_0) bytes each, and `csrc/gguf_matmul.cpp` dequantises them in
-registers exactly as gguf-py does, so the matrix it multiplies by is bit for bit the float32 one.
+weights are 0.75 (Q4_1) or 1.125 (Q8_0) bytes each, and `csrc/gguf_matmul.cpp` (built by
+cpu_kernels.py) dequantises them in registers exactly as gguf-py does, so the matrix it multiplies
+by is bit for bit the float32 one.
 
 The blocks are stored beside the checkpoint (`gguf/blocks.safetensors`, written when the embedded
 model is converted, in the checkpoint's row order) and packed at load into the kernel's panel
@@ -15,28 +16,18 @@ go through oneDNN with the float32 weights.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from dopd.workers.cpu_kernels import library
 
 BLOCK = 32  # weights per GGUF block, along the input dimension
 PANEL = 16  # output rows per panel of the kernel's layout
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # float16 d (and m), then the codes
 BLOCKS_FILE = "gguf/blocks.safetensors"
 MAX_ROWS = 32  # measured: the packed kernel is ~2.5x oneDNN at 16 rows, even near 64
-KERNEL_SOURCE = Path(__file__).parent / "csrc" / "gguf_matmul.cpp"
-COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 # GGUF tensor name -> Hugging Face name (llama.cpp's convention for the Llama family).
 GGUF_TO_HF = {
@@ -102,7 +93,7 @@ class PackedWeight:
             self.codes = panels
         self.scale = _panels(blocks.d)
         self.min = None if blocks.m is None else _panels(blocks.m)
-        self._kernel = kernel()
+        self._kernel = library()
         if self._kernel is None:
             raise RuntimeError("the GGUF kernel is not available on this machine")
 
@@ -161,61 +152,10 @@ def _match_rows(dequantized: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 def load_blocks(model_dir: Path) -> dict[str, Blocks]:
     """The checkpoint's blocks by Hugging Face weight name; none when it has none or no kernel runs here."""
     path = model_dir / BLOCKS_FILE
-    if not path.is_file() or kernel() is None:
+    if not path.is_file() or library() is None:
         return {}
     from safetensors import safe_open
 
     with safe_open(path, framework="pt", device="cpu") as f:
         kinds = f.metadata()
         return {name: Blocks.parse(kinds[name], f.get_tensor(name)) for name in f.keys()}
-
-
-@functools.cache
-def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, built once per machine into the model cache; None where it cannot run."""
-    if os.environ.get("DOPD_GGUF_KERNEL", "1") == "0":
-        return None
-    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags():
-        log.info("GGUF kernel off: it needs an x86 CPU with AVX-512; float32 weights serve every step")
-        return None
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        log.warning("GGUF kernel off: no C++ compiler (g++) found; float32 weights serve every step")
-        return None
-    source = KERNEL_SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]
-    from dopd.embedded import cache_dir
-
-    out = cache_dir() / "kernels" / f"gguf_matmul-{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(tmp), str(KERNEL_SOURCE)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            log.warning("GGUF kernel off: compiling it failed:\n%s", result.stderr[-2000:])
-            return None
-        os.replace(tmp, out)
-    lib = ctypes.CDLL(str(out))
-    ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.dopd_q4_1_matmul.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, ptr]
-    lib.dopd_q8_0_matmul.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr]
-    lib.dopd_q4_1_matmul.restype = lib.dopd_q8_0_matmul.restype = None
-    return lib
-
-
-def _cpu_info() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def _cpu_flags() -> set[str]:
-    line = next((ln for ln in _cpu_info().splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-def _cpu_model() -> str:
-    # -march=native code is only safe on the CPU it was built for: the model names the build.
-    return next((ln for ln in _cpu_info().splitlines() if ln.startswith("model name")), platform.processor())

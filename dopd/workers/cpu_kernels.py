@@ -1,0 +1,85 @@
+"""Our CPU kernels (`csrc/*.cpp`): compiled once per machine with g++ into the model cache, loaded
+with ctypes.
+
+They are plain C++ with AVX-512 intrinsics and no torch headers, so a build takes about a second;
+threads come from OpenMP, which resolves to the libgomp torch has already loaded, so the kernels
+share torch's thread team and `torch.set_num_threads`. Where they cannot run (no AVX-512, no
+compiler, or `DOPD_CPU_KERNELS=0`) `library()` is None and torch's own ops serve every step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+_ptr, _i32, _f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+SIGNATURES = {  # name -> (argument types, result type)
+    "dopd_q4_1_matmul": ([_ptr, _i32, _i32, _i32, _ptr, _ptr, _ptr, _ptr], None),
+    "dopd_q8_0_matmul": ([_ptr, _i32, _i32, _i32, _ptr, _ptr, _ptr], None),
+    "dopd_paged_decode_attention_supports": ([_i32, _i32], _i32),
+    "dopd_paged_decode_attention": ([_ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _ptr, _i32, _ptr, _i32, _f32, _ptr],
+                                    _i32),
+}
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels; None where they cannot run."""
+    if os.environ.get("DOPD_CPU_KERNELS", "1") == "0":
+        return None
+    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags():
+        log.info("CPU kernels off: they need an x86 CPU with AVX-512; torch's ops serve every step")
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        log.warning("CPU kernels off: no C++ compiler (g++) found; torch's ops serve every step")
+        return None
+    digest = hashlib.sha256(" ".join(COMPILE_FLAGS).encode() + _cpu_model().encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    from dopd.embedded import cache_dir
+
+    out = cache_dir() / "kernels" / f"dopd_cpu-{digest.hexdigest()[:16]}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        result = subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(tmp), *map(str, SOURCES)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            log.warning("CPU kernels off: compiling them failed:\n%s", result.stderr[-2000:])
+            return None
+        os.replace(tmp, out)  # atomic: workers building at once each rename a whole file
+    lib = ctypes.CDLL(str(out))
+    for name, (args, result) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
+
+
+def _cpu_info() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _cpu_flags() -> set[str]:
+    line = next((ln for ln in _cpu_info().splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _cpu_model() -> str:
+    # -march=native code is only safe on the CPU it was built for: the model names the build.
+    return next((ln for ln in _cpu_info().splitlines() if ln.startswith("model name")), platform.processor())
