@@ -8,7 +8,7 @@ import torch
 from dopd.workers import gguf
 from dopd.workers.cpu_kernels import library
 
-needs_kernel = pytest.mark.skipif(library() is None, reason="our CPU kernels need AVX-512 and g++")
+needs_kernel = pytest.mark.skipif(library() is None, reason="our CPU kernels need AVX-512 and g++ (test_cpu_kernels.py fails if they should build)")
 
 
 def q4_1_bytes(d: float, m: float, codes: list[int]) -> bytes:

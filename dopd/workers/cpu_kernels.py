@@ -28,6 +28,9 @@ _ptr, _i32, _f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # name -> (argument types, result type)
     "dopd_q4_1_matmul": ([_ptr, _i32, _i32, _i32, _ptr, _ptr, _ptr, _ptr], None),
     "dopd_q8_0_matmul": ([_ptr, _i32, _i32, _i32, _ptr, _ptr, _ptr], None),
+    "dopd_add_rms_norm": ([_ptr, _ptr, _ptr, _i32, _i32, _f32, _ptr, _ptr], None),
+    "dopd_rotary": ([_ptr, _i32, _i32, _i32, _i32, _ptr, _ptr], None),
+    "dopd_silu_mul": ([_ptr, _i32, _i32, _ptr], None),
     "dopd_paged_decode_attention_supports": ([_i32, _i32], _i32),
     "dopd_paged_decode_attention": ([_ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _ptr, _i32, _ptr, _i32, _f32, _ptr],
                                     _i32),
@@ -83,3 +86,33 @@ def _cpu_flags() -> set[str]:
 def _cpu_model() -> str:
     # -march=native code is only safe on the CPU it was built for: the model names the build.
     return next((ln for ln in _cpu_info().splitlines() if ln.startswith("model name")), platform.processor())
+
+
+class LayerOps:
+    """A decoder layer's small ops as single kernel calls (csrc/layer_ops.cpp); float32, contiguous rows."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+
+    def add_rms_norm(self, x, add, weight, eps: float):
+        """(x + add, weight * rmsnorm(x + add)); with add None, (x, weight * rmsnorm(x))."""
+        import torch
+
+        rows, dim = x.shape
+        residual = x if add is None else torch.empty_like(x)
+        out = torch.empty_like(x)
+        self.lib.dopd_add_rms_norm(x.data_ptr(), None if add is None else add.data_ptr(), weight.data_ptr(), rows, dim,
+                                   eps, residual.data_ptr(), out.data_ptr())
+        return residual, out
+
+    def rotary_(self, x, heads: int, head_dim: int, cos, sin) -> None:
+        """Rotate the first `heads` heads of every row of x [rows, row width] in place."""
+        self.lib.dopd_rotary(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr())
+
+    def silu_mul(self, gate_up):
+        import torch
+
+        rows, width = gate_up.shape
+        out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+        self.lib.dopd_silu_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr())
+        return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dopd.workers import gguf
+from dopd.workers.cpu_kernels import LayerOps, library
 from dopd.workers.model import CausalLM, Linear, ModelArch, Rotary, can_pack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,7 +92,8 @@ def load_model(model_dir: Path, arch: ModelArch, dtype: torch.dtype, device: tor
         raise ValueError(f"checkpoint {model_dir} lacks weights for: {', '.join(sorted(missing)[:8])}")
     if device.type == "cpu" and can_pack():
         model.pack_for_cpu()
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu" and dtype == torch.float32 and library() is not None:
+        model.use_cpu_kernels(LayerOps(library()))
         _attach_gguf_blocks(model, model_dir, arch)
     return model.eval()
 

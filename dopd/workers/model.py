@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dopd.workers.cpu_kernels import LayerOps
 from dopd.workers.gguf import MAX_ROWS as MAX_BLOCK_ROWS
 from dopd.workers.gguf import PackedWeight
 
@@ -160,12 +161,23 @@ def can_pack() -> bool:
 
 
 class RMSNorm(nn.Module):
+    ops: LayerOps | None = None  # our fused CPU kernels, where they run (CausalLM.use_cpu_kernels)
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
+    def add_and_norm(self, x: torch.Tensor, add: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + add, norm(x + add)): the residual stream and this norm of it, in one pass."""
+        if self.ops is not None:
+            return self.ops.add_rms_norm(x, add, self.weight, self.eps)
+        x = x + add
+        return x, self(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.add_rms_norm(x, None, self.weight, self.eps)[1]
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -173,6 +185,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    ops: LayerOps | None = None
+
     def __init__(self, arch: ModelArch, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -186,7 +200,11 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         num_tokens = qkv.shape[0]
         # q and k share the rotation: one call over their heads side by side.
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
+        if self.ops is not None:
+            self.ops.rotary_(qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
+            qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
+        else:
+            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = attn.forward(self.layer_idx, q, k, v)
@@ -194,6 +212,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    ops: LayerOps | None = None
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         self.intermediate_size = arch.intermediate_size
@@ -201,6 +221,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -214,8 +236,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(arch)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), cos, sin, attn))
+        return x + self.mlp(h)
 
 
 class CausalLM(nn.Module):
@@ -241,6 +263,12 @@ class CausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         return logits if logits.dtype == torch.float32 else logits.float()
+
+    def use_cpu_kernels(self, ops: LayerOps) -> None:
+        """Norms, rotary and SiLU-and-mul through our fused kernels (CPU, float32)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.ops = ops
 
     def pack_for_cpu(self) -> None:
         """Prepack every projection for oneDNN (CPU); a tied LM head gets a packed copy of the embedding."""

@@ -15,12 +15,13 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
 constexpr int kBlock = 32;  // weights per GGUF block, along K
 constexpr int kPanel = 16;  // output rows per panel: one float vector
-constexpr int kMTile = 8;   // rows of x per tile
+constexpr int kMTile = 16;  // rows of x per tile: 16 accumulators, the dequantised k pair, x
 
 typedef __m512 f32x16;  // GCC lets +, * work on it lane by lane
 
@@ -55,38 +56,40 @@ struct Q8_0 {
   }
 };
 
-// y[0..MR, panel's 16 columns]: even and odd k accumulate apart, two independent chains per row.
+// y[0..MR, panel's 16 columns] from one m-tile of x, transposed: xt[k][16], rows past M zero, so
+// that each k's broadcasts come from one cache line. Below 8 rows even and odd k accumulate apart,
+// two chains per row, or the FMA latency would bound it.
 template <int MR, typename W>
-inline void tile(const float* x, int K, const W& w, int panel, float* y, int N) {
+inline void tile(const float* xt, int K, const W& w, int panel, float* y, int N) {
+  constexpr bool split = MR < 8;
   f32x16 even[MR] = {}, odd[MR] = {};
   for (int k = 0; k < K; k += 2) {
     f32x16 w0, w1;
     w.pair(panel, k, w0, w1);
-    for (int i = 0; i < MR; ++i) {
-      even[i] += x[i * K + k] * w0;
-      odd[i] += x[i * K + k + 1] * w1;
-    }
+    const float* x0 = xt + (int64_t)k * kMTile;
+    for (int i = 0; i < MR; ++i) even[i] += x0[i] * w0;
+    for (int i = 0; i < MR; ++i) (split ? odd[i] : even[i]) += x0[kMTile + i] * w1;
   }
-  for (int i = 0; i < MR; ++i) store(y + i * N + panel * kPanel, even[i] + odd[i]);
+  for (int i = 0; i < MR; ++i) store(y + i * N + panel * kPanel, split ? even[i] + odd[i] : even[i]);
 }
 
 template <typename W>
 void matmul(const float* x, int M, int K, int N, float* y, const W& w) {
-  const int panels = N / kPanel;
+  const int panels = N / kPanel, mtiles = (M + kMTile - 1) / kMTile;
+  std::vector<float> xt((size_t)mtiles * K * kMTile, 0.0f);
+  for (int m = 0; m < M; ++m)
+    for (int k = 0; k < K; ++k) xt[((size_t)(m / kMTile) * K + k) * kMTile + m % kMTile] = x[(int64_t)m * K + k];
 #pragma omp parallel for schedule(static)
   for (int p = 0; p < panels; ++p) {
-    int m = 0;
-    for (; m + kMTile <= M; m += kMTile) tile<kMTile>(x + m * K, K, w, p, y + m * N, N);
-    const float* xr = x + m * K;
-    float* yr = y + m * N;
-    switch (M - m) {
-      case 7: tile<7>(xr, K, w, p, yr, N); break;
-      case 6: tile<6>(xr, K, w, p, yr, N); break;
-      case 5: tile<5>(xr, K, w, p, yr, N); break;
-      case 4: tile<4>(xr, K, w, p, yr, N); break;
-      case 3: tile<3>(xr, K, w, p, yr, N); break;
-      case 2: tile<2>(xr, K, w, p, yr, N); break;
-      case 1: tile<1>(xr, K, w, p, yr, N); break;
+    for (int t = 0; t < mtiles; ++t) {
+      const float* xr = xt.data() + (size_t)t * K * kMTile;
+      float* yr = y + (int64_t)t * kMTile * N;
+      switch (M - t * kMTile < kMTile ? M - t * kMTile : kMTile) {
+#define DOPD_TILE(R) case R: tile<R>(xr, K, w, p, yr, N); break;
+        DOPD_TILE(1) DOPD_TILE(2) DOPD_TILE(3) DOPD_TILE(4) DOPD_TILE(5) DOPD_TILE(6) DOPD_TILE(7) DOPD_TILE(8)
+        DOPD_TILE(9) DOPD_TILE(10) DOPD_TILE(11) DOPD_TILE(12) DOPD_TILE(13) DOPD_TILE(14) DOPD_TILE(15) DOPD_TILE(16)
+#undef DOPD_TILE
+      }
     }
   }
 }
