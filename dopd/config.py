@@ -123,13 +123,15 @@ class ServerConfig:
     max_num_requests: int = _opt(4096, "requests in flight at most; past it the API answers 429")
     request_timeout: float = _opt(600.0, "seconds before an unfinished request ends with an error")
     handoff_timeout: float = _opt(10.0, "seconds a KV handoff may take before its request ends with an error")
+    shutdown_grace: float = _opt(5.0, "on SIGINT/SIGTERM, seconds in-flight requests may take to finish before "
+                                 "they end with an error")
     monitor: bool = _opt(True, "show the live dashboard when stdout is a terminal")
     log_file: str | None = _opt(None, "write logs here (default: stderr, or dopd.log while the dashboard is on)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
-        for name in ("slo_ttft", "slo_tpot", "request_timeout", "handoff_timeout"):
+        for name in ("slo_ttft", "slo_tpot", "request_timeout", "handoff_timeout", "shutdown_grace"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{flag(name)} must be positive, got {value}")

@@ -28,7 +28,6 @@ from dopd.telemetry import Telemetry
 
 log = logging.getLogger("dopd")
 
-SHUTDOWN_GRACE = 5.0
 MOCK_MAX_MODEL_LEN = 16384  # the paper's vLLM setting
 
 
@@ -201,7 +200,7 @@ async def serve(cfg: DopdConfig, ready: asyncio.Event | None = None) -> None:
     await stop.wait()
     log.info("shutting down")
     await site.stop()
-    await controller.stop(SHUTDOWN_GRACE)
+    await controller.stop(cfg.server.shutdown_grace)
     if monitor is not None:
         monitor.cancel()
     await runner.cleanup()

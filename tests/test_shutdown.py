@@ -16,7 +16,9 @@ import pytest
 
 from serverproc import ServerProcess, stream_request
 
-GRACE = 5.0  # dopd.server.SHUTDOWN_GRACE
+# Short requests finish within it (100 tokens: ~0.9 s on the mock engine); 3,500-token ones cannot
+# (~3.3 s alone on the tiny torch engine, more beside two others).
+GRACE = 2.5
 
 
 def descendants(pid: int) -> set[int]:
@@ -62,7 +64,8 @@ def refuses_connections(url: str) -> bool:
                                                                                                "SIGTERM-torch"])
 def test_signal_stops_everything_cleanly(sig, engine):
     shm_before = shm_names()
-    args = ["--model", "tiny", "--gpus", "2", "--mode", "static", "--engine", engine, "--log-level", "warning"]
+    args = ["--model", "tiny", "--gpus", "2", "--mode", "static", "--engine", engine, "--log-level", "warning",
+            "--shutdown-grace", str(GRACE)]
     if engine == "torch":
         args += ["--kv-cache-gb", "0.02"]  # a real shared-memory KV pool per worker
     server = ServerProcess(*args)
