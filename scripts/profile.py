@@ -4,8 +4,8 @@ Times one engine step (`ModelRunner.execute`, the worker's forward pass and samp
 of batch shapes — prefills of one or several prompts, chunks on top of cached tokens, decode
 batches over a range of sizes and contexts — then fits the DistServe-form coefficients
 (`dopd.sim.costmodel.fit`; on CPU decodes of under Linear.MIN_PACKED_ROWS sequences, which run
-the plain GEMV, as a regime of their own) on part of the grid and reports the error on the rest,
-shapes the fit never saw. The profile is written as JSON for `--model-profile` (server, mock
+the plain GEMV, as a regime of their own, unless the model's GGUF blocks serve all of them) on
+part of the grid and reports the error on the rest, shapes the fit never saw. The profile is written as JSON for `--model-profile` (server, mock
 engine, simulator); the default path is the one the server looks in for this model and device.
 
     python scripts/profile.py [--model smollm2] [--threads 1] [--out FILE]
@@ -47,7 +47,9 @@ PREFILL_GRID = [[(n, 0)] for n in (16, 32, 64, 128, 192, 256, 384, 512)] + [
 PREFILL_HELD_OUT = [[(96, 0)], [(320, 0)], [(48, 0)] * 3, [(200, 100)], [(160, 0), (32, 0)]]
 # (batch size, context per sequence); shapes beyond the worker's KV pool are dropped, since a
 # worker never runs them (and the profile's sequences would share blocks, faster than real ones).
-DECODE_GRID = [(b, c) for b in (1, 2, 3, 4, 8, 16, 32, 64) for c in (16, 128, 256, 512, 1024)]
+# 24 and 40 sequences: a decode step's cost is not linear in its rows past 16 (the GGUF kernel's
+# tile), nor in its context once the KV it reads outgrows the cache; the fit needs both regions.
+DECODE_GRID = [(b, c) for b in (1, 2, 3, 4, 8, 16, 24, 32, 40, 64) for c in (16, 128, 256, 512, 1024)]
 DECODE_HELD_OUT = [(3, 300), (12, 64), (20, 400), (48, 200), (6, 900), (40, 250)]
 
 
@@ -136,9 +138,11 @@ def main() -> None:
                                         50e-6),
     )
     # Below this many rows our CPU Linear runs the plain GEMV, not the packed GEMM: another regime
-    # (if any weight is large enough to be packed at all).
+    # (if any weight is large enough to be packed at all). A model with GGUF blocks runs every decode
+    # of the grid (up to gguf.MAX_ROWS sequences) through its kernel: one regime.
     packed = any(getattr(m, "packed", None) is not None for m in runner.model.modules())
-    small_rows = Linear.MIN_PACKED_ROWS if packed else 0
+    blocks = any(getattr(m, "blocks", None) is not None for m in runner.model.modules())
+    small_rows = Linear.MIN_PACKED_ROWS if packed and not blocks else 0
     model = fit(fitted, base=base, name=base.name, small_batch_rows=small_rows)
     errors = relative_errors(model, held_out)
     out = args.out or ROOT / "dopd" / "profiles" / f"{device.type}-{model_dir.name}.json"
