@@ -19,9 +19,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _ptr, _i32, _f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -50,7 +54,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("CPU kernels off: no C++ compiler (g++) found; torch's ops serve every step")
         return None
     digest = hashlib.sha256(" ".join(COMPILE_FLAGS).encode() + _cpu_model().encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     from dopd.embedded import cache_dir
 
@@ -96,8 +100,6 @@ class LayerOps:
 
     def add_rms_norm(self, x, add, weight, eps: float):
         """(x + add, weight * rmsnorm(x + add)); with add None, (x, weight * rmsnorm(x))."""
-        import torch
-
         rows, dim = x.shape
         residual = x if add is None else torch.empty_like(x)
         out = torch.empty_like(x)
@@ -110,8 +112,6 @@ class LayerOps:
         self.lib.dopd_rotary(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr())
 
     def silu_mul(self, gate_up):
-        import torch
-
         rows, width = gate_up.shape
         out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
         self.lib.dopd_silu_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr())

@@ -10,26 +10,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "simd_exp.h"
+
 namespace {
 
 constexpr int kLanes = 16;
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-// exp(x) for x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln2/2 and a degree-7
-// Taylor polynomial, relative error below 2e-8, under float32's own rounding.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below this exp is 0 in float32 anyway
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
 
 // One (sequence, KV head) task: G query heads of VECS x 16 floats, in registers throughout.
 template <int G, int VECS>
@@ -64,13 +51,13 @@ void attend(const float* q, const float* pool, int64_t layer_offset, int block_s
     const __m512 top = _mm512_set1_ps(maxima[g]);
     int t = 0;
     for (; t + kLanes <= len; t += kLanes) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + t), top));
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + t), top));
       _mm512_storeu_ps(row + t, e);
       total = _mm512_add_ps(total, e);
     }
     if (t < len) {
       const __mmask16 tail = (__mmask16)((1u << (len - t)) - 1);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + t), top));
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + t), top));
       _mm512_mask_storeu_ps(row + t, tail, e);
       total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
     }

@@ -6,25 +6,14 @@
 
 #include <cmath>
 #include <cstdint>
-#include <initializer_list>
+
+#include "simd_exp.h"
 
 namespace {
 
 constexpr int kLanes = 16;
 
 inline __mmask16 tail_mask(int n) { return (__mmask16)((1u << n) - 1); }
-
-// exp(x), float32, any x: 2^n * e^r, |r| <= ln2/2, degree-7 Taylor (relative error < 2e-8).
-inline __m512 exp_any(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
 
 }  // namespace
 
@@ -92,7 +81,7 @@ void dopd_silu_mul(const float* gate_up, int rows, int inter, float* out) {
     for (int i = 0; i < inter; i += kLanes) {
       const __mmask16 mask = inter - i >= kLanes ? 0xFFFF : tail_mask(inter - i);
       const __m512 gv = _mm512_maskz_loadu_ps(mask, g + i);
-      const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_any(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+      const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
       _mm512_mask_storeu_ps(o + i, mask, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(mask, u + i)));
     }
   }
