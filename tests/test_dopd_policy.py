@@ -84,6 +84,24 @@ def test_an_ultra_short_prompt_is_prefilled_on_a_decode_worker_only_where_the_st
     assert place_prompt(workers, 64, ultra_short_len=511, admits=partial(cpu.admits, block_size=16)).worker == 0
 
 
+def test_an_idle_decode_worker_does_not_take_a_prefill_its_step_cannot_hide():
+    """The live CPU run's prefill-heavy phase: an idle decode worker prefilled 400-token prompts
+    (~0.9 s a step) and the requests handed to it meanwhile waited ~1 s for their second token."""
+    from functools import partial
+
+    from dopd.policy.routing import place_prompt
+
+    cpu = DopdPolicy(PolicyConfig(), get_profile(str(PROFILES / "cpu-smollm2-135m-instruct.json")), SLO(2.5, 0.15), 3)
+    admits = partial(cpu.admits, block_size=16)
+    idle = [worker(0, Role.PREFILL), worker(1, Role.DECODE)]
+    placed = place_prompt(idle, 400, ultra_short_len=512, admits=admits)
+    assert placed.worker == 0 and placed.hand_off
+    assert place_prompt(idle, 16, ultra_short_len=512, admits=admits).worker == 1  # its step hides it
+    # What the decode worker was already given to prefill counts: two 16-token prompts are one step.
+    busy = [worker(0, Role.PREFILL), dataclasses.replace(worker(1, Role.DECODE), pending_prefill_tokens=400)]
+    assert place_prompt(busy, 16, ultra_short_len=512, admits=admits).worker == 0
+
+
 def test_a_load_hovering_at_a_boundary_does_not_flip_a_worker_every_interval():
     """The live CPU run's flapping: 5-s intervals of 5 or 7 arrivals put the decode need at ~1 worker."""
     from dataclasses import replace

@@ -190,16 +190,20 @@ class DopdPolicy:
         SLO (measured by the KV it holds, not by a request count: contexts differ), and always when
         it runs nothing (a lone request must go somewhere). A worker that would prefill the request
         itself (`prefill_tokens`, an ultra-short prompt) must also keep the step that does so within
-        the SLO: its running requests must not feel it. What is short enough is thus a question of
+        the SLO, idle or not: its running requests, and those handed to it meanwhile, must not feel it. What is short enough is thus a question of
         the hardware — on an H200 a 300-token prefill hides in a decode step, on a CPU none does."""
         batch = worker.num_running + worker.num_incoming
-        if batch == 0:
+        if batch == 0 and not prefill_tokens:
             return True
         held = (worker.kv_blocks_total - worker.kv_blocks_free) * block_size
         cost = self.cost.scaled(self.prefill_correction.value, self.decode_correction.value)
         step = cost.decode_time(batch + 1, held + blocks * block_size)
         if prefill_tokens:
-            step = max(step, cost.step_time(prefill_tokens, attn_work(prefill_tokens), batch, held))
+            # Even on an idle worker: every request handed to it while it prefills waits that step
+            # out (on the CPU, 400-token prompts prefilled on the decode worker put ~1 s between
+            # other requests' first two tokens). Prompts placed there and not yet stepped share it.
+            tokens = prefill_tokens + worker.pending_prefill_tokens
+            step = max(step, cost.step_time(tokens, attn_work(tokens), batch, held))
         return step <= self.slo.tpot
 
     def long_prompt_len(self) -> float | None:
