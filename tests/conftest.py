@@ -73,3 +73,18 @@ def prompts() -> list[list[int]]:
 
     rng = random.Random(1)
     return [[rng.randrange(5, 4096) for _ in range(n)] for n in (3, 7, 12, 20, 33, 48, 64, 90, 117, 150, 180, 200)]
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0):
+    """A random weight in GGUF blocks (gguf.Blocks) whose scales are exact float16s, as in a real file."""
+    import torch
+
+    from dopd.workers import gguf
+
+    g = torch.Generator().manual_seed(seed)
+    groups = cols // gguf.BLOCK
+    d = (torch.rand(rows, groups, generator=g) * 0.02).half().float()
+    if kind == "q4_1":
+        q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
+        return gguf.Blocks(kind, q, d, (-torch.rand(rows, groups, generator=g) * 0.1).half().float())
+    return gguf.Blocks(kind, torch.randint(-128, 128, (rows, cols), generator=g, dtype=torch.int8), d, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import random_blocks
 from dopd.workers import gguf
 from dopd.workers.cpu_kernels import library
 
@@ -36,16 +37,6 @@ def test_q8_0_parse():
 def test_unsupported_block_type_is_named():
     with pytest.raises(ValueError, match="supported: q4_1, q8_0"):
         gguf.Blocks.parse("q5_k", torch.zeros(1, 22, dtype=torch.uint8))
-
-
-def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> gguf.Blocks:
-    g = torch.Generator().manual_seed(seed)
-    groups = cols // gguf.BLOCK
-    d = (torch.rand(rows, groups, generator=g) * 0.02).half().float()
-    if kind == "q4_1":
-        q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
-        return gguf.Blocks(kind, q, d, (-torch.rand(rows, groups, generator=g) * 0.1).half().float())
-    return gguf.Blocks(kind, torch.randint(-128, 128, (rows, cols), generator=g, dtype=torch.int8), d, None)
 
 
 @needs_kernel

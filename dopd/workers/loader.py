@@ -95,6 +95,7 @@ def load_model(model_dir: Path, arch: ModelArch, dtype: torch.dtype, device: tor
     if device.type == "cpu" and dtype == torch.float32 and library() is not None:
         model.use_cpu_kernels(LayerOps(library()))
         _attach_gguf_blocks(model, model_dir, arch)
+        model.use_fused_decode()
     return model.eval()
 
 

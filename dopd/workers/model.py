@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dopd.workers.cpu_kernels import LayerOps
+from dopd.workers.fused_decode import FusedDecode
 from dopd.workers.gguf import MAX_ROWS as MAX_BLOCK_ROWS
 from dopd.workers.gguf import PackedWeight
 
@@ -241,6 +242,8 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
+    fused_decode: FusedDecode | None = None  # decode steps' layers one C++ call each (use_fused_decode)
+
     def __init__(self, arch: ModelArch, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.arch = arch
@@ -255,8 +258,11 @@ class CausalLM(nn.Module):
         """Hidden states `[num_tokens, hidden]` after the final norm."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.tables(positions)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn)
+        if self.fused_decode is not None and self.fused_decode.serves(attn, x.shape[0]):
+            self.fused_decode.run(x, cos, sin, attn)
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, attn)
         return self.norm(x)
 
     @torch.inference_mode()
@@ -269,6 +275,11 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.ops = ops
+
+    def use_fused_decode(self) -> None:
+        """Where every projection has GGUF blocks (after use_cpu_kernels): decode layers in one call each."""
+        if FusedDecode.supports(self):
+            self.fused_decode = FusedDecode(self)
 
     def pack_for_cpu(self) -> None:
         """Prepack every projection for oneDNN (CPU); a tied LM head gets a packed copy of the embedding."""
