@@ -14,9 +14,10 @@ pytestmark = pytest.mark.skipif(library() is None, reason="our CPU kernels need 
 
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (9, 3, 64), (8, 2, 128)])
-def test_decode_kernel_matches_torch(block_size, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("num_seqs", [1, 6])  # the kernel splits a sequence's heads over threads, or not
+def test_decode_kernel_matches_torch(block_size, heads, kv_heads, head_dim, num_seqs):
     g = torch.Generator().manual_seed(0)
-    kv_lens = [1, 15, 16, 17, 100, 3]
+    kv_lens = [100, 15, 16, 17, 1, 3][:num_seqs]
     num_blocks = sum(-(-n // block_size) for n in kv_lens) + 4
     pool = KVPool.allocate(KVPoolShape(num_blocks, 2, block_size, kv_heads, head_dim), torch.float32, "cpu")
     pool.tensor.copy_(torch.randn(pool.tensor.shape, generator=g))

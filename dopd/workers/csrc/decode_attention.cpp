@@ -5,6 +5,7 @@
 // nothing is gathered. One (sequence, KV head) pair is one task: its group of query heads is
 // scored against every key, softmaxed, and the values summed, two passes over the context.
 #include <immintrin.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstdint>
@@ -132,15 +133,23 @@ int dopd_paged_decode_attention(const float* q, const float* pool, int num_layer
   const int64_t kv_stride = block_size * token_stride;        // keys -> values of a block
   const int64_t block_stride = (int64_t)num_layers * 2 * kv_stride;
   const int64_t heads_stride = (int64_t)kv_heads * group * head_dim;
+  // A task per sequence: its KV heads one after another on one core, whose L2 then holds the
+  // sequence's blocks for all of them. With a task per (sequence, head), each core read every
+  // other head's rows along with its own (they share cache lines' neighbourhoods), ~25% slower at
+  // 16 sequences. Split by head only where there are too few sequences for the threads.
+  const int heads_per_task = num_seqs >= 2 * omp_get_max_threads() ? kv_heads : 1;
+  const int tasks_per_seq = kv_heads / heads_per_task;
 #pragma omp parallel
   {
     std::vector<float> scores;
 #pragma omp for schedule(dynamic, 1)
-    for (int task = 0; task < num_seqs * kv_heads; ++task) {
-      const int s = task / kv_heads, h = task % kv_heads;
-      const int64_t head = s * heads_stride + (int64_t)h * group * head_dim;
-      fn(q + head, pool, layer * 2 * kv_stride + (int64_t)h * head_dim, block_size, token_stride, kv_stride,
-         block_stride, block_tables + (int64_t)s * table_width, kv_lens[s], scale, out + head, scores);
+    for (int task = 0; task < num_seqs * tasks_per_seq; ++task) {
+      const int s = task / tasks_per_seq, first = (task % tasks_per_seq) * heads_per_task;
+      for (int h = first; h < first + heads_per_task; ++h) {
+        const int64_t head = s * heads_stride + (int64_t)h * group * head_dim;
+        fn(q + head, pool, layer * 2 * kv_stride + (int64_t)h * head_dim, block_size, token_stride, kv_stride,
+           block_stride, block_tables + (int64_t)s * table_width, kv_lens[s], scale, out + head, scores);
+      }
     }
   }
   return 0;
