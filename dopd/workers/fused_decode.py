@@ -43,7 +43,9 @@ def _projection(w: PackedWeight) -> Projection:
 
 
 class FusedDecode:
-    """The layers of a `CausalLM` as C structs; `run` advances the residual stream of a decode step."""
+    """The layers of a `CausalLM` as C structs; `run` advances the residual stream of a decode step.
+
+    The structs point into the model's own tensors: the model that holds this keeps them alive."""
 
     def __init__(self, model) -> None:
         lib = library()
@@ -62,7 +64,6 @@ class FusedDecode:
                 arch.rms_norm_eps, arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads,
                 arch.head_dim,
             ))
-        self._model = model  # keeps every pointer above alive
         self.scratch = torch.empty(scratch_floats(ctypes.byref(self.layers[0]), MAX_ROWS), dtype=torch.float32)
 
     @staticmethod
