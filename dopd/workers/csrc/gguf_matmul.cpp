@@ -82,8 +82,8 @@ void matmul(const float* x, int M, int K, int N, float* y, const W& w) {
   float* const xtp = xt.data();
 #pragma omp parallel
   {
-    // The transpose is split over the threads too: done by the caller alone it was a third of a
-    // 576 x 576 call's time at 16 rows.
+    // The transpose is split over the threads too (done by the caller alone, a step's 30
+    // down_proj calls at 16 rows took 5.9 ms instead of 4.6).
 #pragma omp for schedule(static)
     for (int c = 0; c < mtiles * kchunks; ++c) {
       const int t = c / kchunks, k0 = (c % kchunks) * kBlock, rows = M - t * kMTile < kMTile ? M - t * kMTile : kMTile;
