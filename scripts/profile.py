@@ -5,8 +5,9 @@ of batch shapes — prefills of one or several prompts, chunks on top of cached 
 batches over a range of sizes and contexts — then fits the DistServe-form coefficients
 (`dopd.sim.costmodel.fit`; on CPU decodes of under Linear.MIN_PACKED_ROWS sequences, which run
 the plain GEMV, as a regime of their own, unless the model's GGUF blocks serve all of them) on
-part of the grid and reports the error on the rest, shapes the fit never saw. The profile is written as JSON for `--model-profile` (server, mock
-engine, simulator); the default path is the one the server looks in for this model and device.
+part of the grid and reports the error on the rest, shapes the fit never saw. The profile is
+written as JSON for `--model-profile` (server, mock engine, simulator); the default path is the one
+the server looks in for this model and device.
 
     python scripts/profile.py [--model smollm2] [--threads 1] [--out FILE]
 """

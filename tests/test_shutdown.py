@@ -17,7 +17,7 @@ import pytest
 from serverproc import ServerProcess, stream_request
 
 # Short requests finish within it (100 tokens: ~0.9 s on the mock engine); 3,500-token ones cannot
-# (~3.3 s alone on the tiny torch engine, more beside two others).
+# (3.3-4.1 s alone on the tiny torch engine in runs here, 4.5 s three at once).
 GRACE = 2.5
 
 

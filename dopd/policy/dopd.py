@@ -190,8 +190,9 @@ class DopdPolicy:
         SLO (measured by the KV it holds, not by a request count: contexts differ), and always when
         it runs nothing (a lone request must go somewhere). A worker that would prefill the request
         itself (`prefill_tokens`, an ultra-short prompt) must also keep the step that does so within
-        the SLO, idle or not: its running requests, and those handed to it meanwhile, must not feel it. What is short enough is thus a question of
-        the hardware — on an H200 a 300-token prefill hides in a decode step, on a CPU none does."""
+        the SLO, idle or not: its running requests, and those handed to it meanwhile, must not feel
+        it. What is short enough is thus a question of the hardware — on an H200 a 300-token
+        prefill hides in a decode step, on a CPU none does."""
         batch = worker.num_running + worker.num_incoming
         if batch == 0 and not prefill_tokens:
             return True

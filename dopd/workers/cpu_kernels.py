@@ -38,6 +38,9 @@ SIGNATURES = {  # name -> (argument types, result type)
     "dopd_paged_decode_attention_supports": ([_i32, _i32], _i32),
     "dopd_paged_decode_attention": ([_ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _ptr, _i32, _ptr, _i32, _f32, _ptr],
                                     _i32),
+    # The structs are fused_decode.py's LayerWeights and Step, passed by address.
+    "dopd_decode_scratch_floats": ([_ptr, _i32], ctypes.c_int64),
+    "dopd_decode_layer": ([_ptr, _ptr, _i32, _ptr], _i32),
 }
 
 

@@ -48,11 +48,7 @@ class FusedDecode:
     The structs point into the model's own tensors: the model that holds this keeps them alive."""
 
     def __init__(self, model) -> None:
-        lib = library()
-        self._layer = lib.dopd_decode_layer
-        self._layer.argtypes, self._layer.restype = [ctypes.POINTER(LayerWeights), ctypes.POINTER(Step), _i32, _ptr], _i32
-        scratch_floats = lib.dopd_decode_scratch_floats
-        scratch_floats.argtypes, scratch_floats.restype = [ctypes.POINTER(LayerWeights), _i32], ctypes.c_int64
+        self._lib = library()
         arch = model.arch
         self.layers = []
         for layer in model.layers:
@@ -64,7 +60,8 @@ class FusedDecode:
                 arch.rms_norm_eps, arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads,
                 arch.head_dim,
             ))
-        self.scratch = torch.empty(scratch_floats(ctypes.byref(self.layers[0]), MAX_ROWS), dtype=torch.float32)
+        floats = self._lib.dopd_decode_scratch_floats(ctypes.addressof(self.layers[0]), MAX_ROWS)
+        self.scratch = torch.empty(floats, dtype=torch.float32)
 
     @staticmethod
     def supports(model) -> bool:
@@ -82,7 +79,7 @@ class FusedDecode:
     def serves(attn, num_tokens: int) -> bool:
         """A step of decodes only, within the block kernel's rows, over our in-place decode attention."""
         return (isinstance(attn, TorchAttention) and attn.kernels is not None and attn.num_decodes == num_tokens
-                and not attn.prefills and num_tokens <= MAX_ROWS)
+                and num_tokens <= MAX_ROWS)
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: TorchAttention) -> None:
         """x [tokens, hidden] float32, contiguous, in place: through every layer."""
@@ -91,6 +88,6 @@ class FusedDecode:
                     pool.block_size, attn.decode_tables.data_ptr(), attn.decode_tables.shape[1],
                     attn.decode_lens.data_ptr(), attn.write_rows.data_ptr(), attn.scale, self.scratch.data_ptr())
         for i, layer in enumerate(self.layers):
-            status = self._layer(ctypes.byref(layer), ctypes.byref(step), i, x.data_ptr())
+            status = self._lib.dopd_decode_layer(ctypes.addressof(layer), ctypes.addressof(step), i, x.data_ptr())
             if status != 0:
                 raise RuntimeError(f"decode layer kernel refused the shape (status {status})")
