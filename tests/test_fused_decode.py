@@ -59,7 +59,7 @@ def decode_step(model: CausalLM, fused: bool, kv_lens: list[int], block_size: in
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("block_size", [1, 16, 128])  # the block sizes the engine parity tests cover
 def test_fused_decode_step_is_bit_equal(kind, block_size):
     model = blocks_model(kind)
     assert model.fused_decode is not None
