@@ -341,7 +341,9 @@ class _Render:
     def usage(self) -> dict:
         prompt = sum(st.request.num_prompt_tokens for st in self.states)
         completion = sum(st.request.num_output_tokens for st in self.states)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(st.request.num_cached_tokens or 0 for st in self.states)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def usage_chunk(self) -> dict:
         return {"id": self.id, "object": self.object_chunk, "created": self.created, "model": self.api.model_name,

@@ -41,6 +41,8 @@ class CacheConfig:
     num_kv_blocks: int | None = _opt(None, "KV blocks per worker (default: sized from --kv-cache-gb)")
     kv_cache_gb: float | None = _opt(None, "KV pool size per worker in GiB (default: 0.5 on CPU, "
                                      "90% of free memory after weights on CUDA)")
+    enable_prefix_caching: bool = _opt(True, "share the KV of prompt prefixes a worker has already computed "
+                                       "(a system prompt, an earlier turn) instead of computing it again")
 
     def __post_init__(self) -> None:
         if not 1 <= self.block_size <= 1024:

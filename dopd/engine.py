@@ -21,10 +21,11 @@ from dopd.sequence import Sequence, SeqStatus
 
 class EngineCore:
     def __init__(self, runner, max_num_seqs: int, max_num_batched_tokens: int,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), prefix_caching: bool = True) -> None:
         self.runner = runner
         self.allocator = BlockAllocator(runner.num_blocks)
-        self.scheduler = Scheduler(self.allocator, runner.block_size, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.allocator, runner.block_size, max_num_seqs, max_num_batched_tokens,
+                                   prefix_caching=prefix_caching)
         self.eos_token_ids = eos_token_ids
         self._parked: list[Parked] = []
         self._adopted: list[Adopted] = []
@@ -101,8 +102,9 @@ class EngineCore:
                 if token is None:
                     continue
                 finish = seq.append_token(token.token_id)
+                cached = seq.num_cached_tokens if seq.num_output_tokens == 1 else None
                 outputs.append(TokenOutput(seq.request_id, token.token_id, finish, token.logprob, token.rank,
-                                           token.top_ids, token.top_logprobs))
+                                           token.top_ids, token.top_logprobs, cached))
                 if finish:
                     self.scheduler.finish(seq)
                 elif seq.hand_off and seq.status == SeqStatus.RUNNING:
@@ -125,7 +127,8 @@ class EngineCore:
         s = self.scheduler
         step_time, step_tokens, num_prefill = self._last_step
         return WorkerStats(len(s.running), len(s.waiting), len(s.parked), self.allocator.num_free,
-                           self.allocator.num_total, s.num_preemptions, step_time, step_tokens, num_prefill)
+                           self.allocator.num_total, s.num_preemptions, step_time, step_tokens, num_prefill,
+                           self.allocator.num_cached)
 
     def handle(self, msg) -> None:
         """Dispatch one controller message."""

@@ -26,7 +26,8 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto",
                  block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_gb: float | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 128,
-                 max_num_batched_tokens: int | None = None, attention_backend: str | None = None) -> None:
+                 max_num_batched_tokens: int | None = None, attention_backend: str | None = None,
+                 enable_prefix_caching: bool = True) -> None:
         model_dir = resolve_model(model)
         dev = loader.resolve_device(device)
         self.tokenizer = loader.load_tokenizer(model_dir)
@@ -35,8 +36,13 @@ class LLM:
                           self.max_model_len, block_size, num_kv_blocks, kv_cache_gb)
         self.runner = ModelRunner(spec)
         budget = max_num_batched_tokens or loader.default_max_batched_tokens(dev)
-        self.engine = EngineCore(self.runner, max_num_seqs, budget, loader.eos_token_ids(model_dir, self.tokenizer))
+        self.engine = EngineCore(self.runner, max_num_seqs, budget, loader.eos_token_ids(model_dir, self.tokenizer),
+                                 enable_prefix_caching)
         self._ids = itertools.count()
+
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (False if a request holds blocks), e.g. between benchmark runs."""
+        return self.engine.allocator.reset_cache()
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -104,6 +104,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     rank: int | None = None
     top_ids: list[int] | None = None
     top_logprobs: list[float] | None = None
+    num_cached_tokens: int | None = None  # on a request's first token: prompt tokens the prefix cache held
 
 
 class Parked(msgspec.Struct, array_like=True):
@@ -131,6 +132,7 @@ class WorkerStats(msgspec.Struct, array_like=True):
     step_time: float  # seconds of the last step
     step_tokens: int  # tokens in the last step
     num_prefill_tokens: int
+    kv_blocks_cached: int = 0  # blocks that hold a registered prefix (in use or free)
 
 
 class StepResult(msgspec.Struct, tag=True, array_like=True):

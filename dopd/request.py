@@ -47,6 +47,7 @@ class Request:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.finished_time: float | None = None
+        self.num_cached_tokens: int | None = None  # prompt tokens the prefill worker's prefix cache held
 
     @property
     def finished(self) -> bool:
@@ -67,6 +68,8 @@ class Request:
             self.first_token_time = now
         self.last_token_time = now
         self.output_token_ids.append(out.token_id)
+        if out.num_cached_tokens is not None:
+            self.num_cached_tokens = out.num_cached_tokens
         if self.logprobs is not None:
             self.logprobs.append(self._token_logprobs(out))
             self.cumulative_logprob += out.logprob
@@ -102,4 +105,5 @@ class Request:
     def to_output(self) -> RequestOutput:
         completion = CompletionOutput(0, self.detok.text, list(self.output_token_ids), self.cumulative_logprob,
                                       self.logprobs, self.finish_reason, self.stop_reason)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], self.finished)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], self.finished,
+                             self.num_cached_tokens)

@@ -10,6 +10,12 @@ Each step, in vLLM v1's order:
 2. Then waiting sequences, first come first served, while the token budget, the sequence cap and
    the free blocks allow. With chunked prefill a long prompt takes what is left of the budget and
    continues next step; without it a prompt is admitted whole or not at all.
+
+With prefix caching a prompt is admitted with the longest run of its full blocks the pool already
+holds (shared, so those tokens are not computed again) - never the block of its last token, whose
+logits are needed. Every block a step will fill is registered when the step is scheduled, not after
+it: a prompt admitted later in the same step can share it, because attention writes a layer's new
+keys and values for the whole batch before any sequence reads them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from dopd.kv.blocks import BlockAllocator, blocks_needed
+from dopd.kv.blocks import BlockAllocator, blocks_needed, chain_hashes
 from dopd.sequence import Sequence, SeqStatus
 
 
@@ -43,12 +49,16 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         chunked_prefill: bool = True,
+        prefix_caching: bool = False,
     ) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
+        self.prefix_caching = prefix_caching
+        self.num_prompt_tokens_queried = 0  # prefix cache: prompt tokens looked up, and found
+        self.num_prompt_tokens_hit = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.parked: dict[str, Sequence] = {}
@@ -95,8 +105,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(num_new)
+                self._take(batch, seq, num_new)
                 budget -= num_new
                 i += 1
                 continue
@@ -106,17 +115,58 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             num_new = min(seq.num_pending_tokens, budget)
+            if self.prefix_caching and not seq.block_ids:
+                self._share_cached_prefix(seq)
+                num_new = min(seq.num_pending_tokens, budget)
             if not self.chunked_prefill and num_new < seq.num_pending_tokens:
+                self._unshare(seq)
                 break
             if not self._grow(seq, num_new):
+                self._unshare(seq)
                 break
             self.waiting.popleft()
+            if self.prefix_caching:
+                self.num_prompt_tokens_queried += seq.num_tokens
+                self.num_prompt_tokens_hit += seq.num_computed_tokens
+                if seq.num_output_tokens == 0:
+                    seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            self._take(batch, seq, num_new)
             budget -= num_new
         return batch
+
+    def _take(self, batch: ScheduledBatch, seq: Sequence, num_new: int) -> None:
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(num_new)
+        if self.prefix_caching:  # at once: a prompt admitted after it in this step may share them
+            self._register_full_blocks(seq, seq.num_computed_tokens + num_new)
+
+    # ---- prefix caching ------------------------------------------------------------------------
+
+    def _share_cached_prefix(self, seq: Sequence) -> None:
+        bs = self.block_size
+        hashes = chain_hashes(seq.token_ids, bs, seq.block_hashes, (seq.num_tokens - 1) // bs)
+        seq.block_ids = self.allocator.lookup(hashes)
+        self.allocator.share(seq.block_ids)
+        seq.num_registered_blocks = len(seq.block_ids)
+        seq.num_computed_tokens = len(seq.block_ids) * bs
+
+    def _unshare(self, seq: Sequence) -> None:
+        """Undo `_share_cached_prefix` for a sequence that is not admitted after all."""
+        if seq.block_ids:
+            self.allocator.free(seq.block_ids)
+        seq.block_ids, seq.num_registered_blocks, seq.num_computed_tokens = [], 0, 0
+
+    def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the blocks that hold full blocks of KV once `num_tokens` tokens are computed."""
+        num_full = num_tokens // self.block_size
+        if num_full <= seq.num_registered_blocks:
+            return
+        hashes = chain_hashes(seq.token_ids, self.block_size, seq.block_hashes, num_full)
+        for i in range(seq.num_registered_blocks, num_full):
+            self.allocator.register(seq.block_ids[i], hashes[i])
+        seq.num_registered_blocks = num_full
 
     def _grow(self, seq: Sequence, num_new: int) -> bool:
         """Give `seq` the blocks for `num_new` more tokens of KV, if they are free."""
@@ -132,7 +182,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_registered_blocks = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

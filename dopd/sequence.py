@@ -1,7 +1,7 @@
 """A worker's view of one request: its tokens, how many have KV in the cache, and its blocks.
 
 One rule covers prefill, decode, chunked prefill, recompute after preemption and a sequence
-adopted from another worker: the tokens `token_ids[num_computed_tokens:]` still need a forward
+adopted from another worker, and a prompt whose first blocks the prefix cache already held: the tokens `token_ids[num_computed_tokens:]` still need a forward
 pass, and once none are left the next token is sampled. After a prefill or a handoff exactly one
 token (the last sampled one) is pending, which is what a decode step processes.
 """
@@ -24,6 +24,7 @@ class Sequence:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_ids",
         "params", "max_tokens", "eos_token_ids", "hand_off", "status", "finish_reason",
+        "block_hashes", "num_registered_blocks", "num_cached_tokens",
     )
 
     def __init__(
@@ -47,6 +48,12 @@ class Sequence:
         self.hand_off = hand_off  # stop after the first token and park for a decode worker
         self.status = SeqStatus.WAITING
         self.finish_reason: str | None = None
+        # Prefix caching: the chain hashes of its full blocks so far (a function of the tokens alone,
+        # so they outlive a preemption), how many of `block_ids` are registered under them, and how
+        # many prompt tokens the cache held when its prompt was (last) admitted.
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens = 0
 
     @property
     def num_tokens(self) -> int:

@@ -136,7 +136,8 @@ def worker_specs(cfg: DopdConfig, setup: Setup) -> list:
                                 cfg.cache.block_size, cfg.cache.num_kv_blocks, cfg.cache.kv_cache_gb, threads,
                                 setup.arch)
         specs.append(WorkerSpec(i, runner, setup.mock, cfg.scheduler.max_num_seqs, setup.max_num_batched_tokens,
-                                setup.eos_token_ids, logging.getLogger().getEffectiveLevel()))
+                                setup.eos_token_ids, logging.getLogger().getEffectiveLevel(),
+                                cfg.cache.enable_prefix_caching))
     return specs
 
 

@@ -21,6 +21,7 @@ def cluster_snapshot(ctl) -> dict:
             "target_role": move.target.name.lower() if move else None,
             "state": w.state.name.lower(), "num_running": s.num_running, "num_waiting": s.num_waiting,
             "num_parked": s.num_parked, "kv_blocks_total": s.kv_blocks_total, "kv_blocks_free": s.kv_blocks_free,
+            "kv_blocks_cached": s.kv_blocks_cached,
             "step_time": s.step_time if busy else None, "step_tokens": s.step_tokens if busy else 0,
             "pending_prefill_tokens": ctl.pending_prefill_tokens[w.id], "restarts": w.restarts,
         })

@@ -34,6 +34,9 @@ class Telemetry:
                              **labels)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", **labels)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", **labels)
+        self.prefix_cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                            **labels)
+        self.prefix_cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", **labels)
         self.running = Gauge("vllm:num_requests_running", "Requests on a worker", **labels)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a worker or for KV blocks", **labels)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, all workers (0-1)", **labels)
@@ -61,6 +64,10 @@ class Telemetry:
             self.e2e.labels(m).observe(record.e2el)
             if record.output_len > 1:
                 self.tpot.labels(m).observe(tpot(record))
+
+    def observe_prefill(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        self.prefix_cache_queries.labels(self._model).inc(num_prompt_tokens)
+        self.prefix_cache_hits.labels(self._model).inc(num_cached_tokens)
 
     def observe_workers(self, workers, num_queued: int) -> None:
         """Refresh the gauges from the workers' latest stats (`WorkerHandle`s) before a scrape."""

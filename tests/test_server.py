@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import urllib.request
 
 import aiohttp
 import openai
@@ -143,3 +144,40 @@ def test_bad_role_requests_are_400(server3):
                     assert r.status == 400
                     assert "message" in (await r.json())["error"]
     asyncio.run(run())
+
+
+def test_a_shared_prompt_prefix_is_computed_once(server3, llama_dir, texts):
+    """Through the API: the second of two prompts that start alike reports the first's KV as cached
+    (OpenAI's usage.prompt_tokens_details), and the counters on /metrics add it up."""
+    prefix = " ".join(texts)
+    num_prefix = len(load_tokenizer(llama_dir).encode(prefix))
+    before = _prefix_cache_hits(server3)
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server3.url + "/v1", api_key="unused")
+        try:
+            first = await client.completions.create(model=str(llama_dir), prompt=prefix + " one", max_tokens=4,
+                                                    temperature=0)
+            second = await client.completions.create(model=str(llama_dir), prompt=prefix + " two", max_tokens=4,
+                                                     temperature=0)
+            return first.usage, second.usage
+        finally:
+            await client.close()
+
+    first, second = asyncio.run(run())
+    block = 16
+    assert second.prompt_tokens_details.cached_tokens >= (num_prefix - block) // block * block > 0
+    assert second.prompt_tokens_details.cached_tokens > first.prompt_tokens_details.cached_tokens
+    hits = _prefix_cache_hits(server3) - before
+    assert hits == first.prompt_tokens_details.cached_tokens + second.prompt_tokens_details.cached_tokens
+    snap = server3.wait_idle()
+    assert all(w["kv_blocks_free"] == w["kv_blocks_total"] for w in snap["workers"])
+    assert any(w["kv_blocks_cached"] for w in snap["workers"] if w["role"] == "prefill")
+
+
+def _prefix_cache_hits(server) -> float:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                return float(line.split()[-1])
+    return 0.0

@@ -101,6 +101,7 @@ class Simulator:
                          for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_time))]
         self.live: dict[str, SimRequest] = {}  # request id -> request, for the live ones
         num_blocks = max(1, cfg.cost.kv_capacity_tokens // cfg.block_size)
+        # No prefix caching here: a simulated prompt is a length (its tokens are zeros), not text.
         self.workers = [SimWorker(i, role, Scheduler(BlockAllocator(num_blocks), cfg.block_size, cfg.max_num_seqs,
                                                      cfg.max_num_batched_tokens))
                         for i, role in enumerate(self._initial_roles())]

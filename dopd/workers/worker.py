@@ -57,6 +57,7 @@ class WorkerSpec:
     max_num_batched_tokens: int
     eos_token_ids: frozenset[int]
     log_level: int = logging.WARNING
+    prefix_caching: bool = True
 
 
 def pickled_frame(obj) -> bytes:
@@ -74,7 +75,8 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     encoder = msgspec.msgpack.Encoder()
     try:
         runner = _make_runner(spec)
-        engine = EngineCore(runner, spec.max_num_seqs, spec.max_num_batched_tokens, spec.eos_token_ids)
+        engine = EngineCore(runner, spec.max_num_seqs, spec.max_num_batched_tokens, spec.eos_token_ids,
+                            spec.prefix_caching)
         pool = getattr(runner, "pool", None)
         conn.send_bytes(encoder.encode(Ready(spec.worker_id, os.getpid(), runner.num_blocks, runner.block_size,
                                              str(getattr(runner, "device", "cpu")))))
