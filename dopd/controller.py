@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from dopd.kv.blocks import blocks_needed
+from dopd.kv.blocks import blocks_needed, chain_hashes
 from dopd.messages import (
     AbortRequest, AddRequest, Adopted, AdoptRequest, ExportRequest, Parked, Ping, Pong, ReleaseRequest,
     ResumeRequest, Role, Shutdown, StepResult, WorkerError,
@@ -31,6 +31,7 @@ from dopd.metrics import RequestRecord
 from dopd.moves import RoleMove
 from dopd.policy import routing
 from dopd.policy.base import Decision, Snapshot, queued_prefill_tokens, should_migrate
+from dopd.policy.prefix_index import PrefixIndex
 from dopd.policy.resources import ResourceMonitor
 from dopd.request import Request, RequestStatus
 from dopd.telemetry import Telemetry
@@ -66,6 +67,7 @@ class RequestState:
     source_lost: bool = False  # the worker holding the KV died while a pull from it was in flight
     on_decode: bool = False  # `worker` decodes it (not a prefill-only placement)
     num_replaced: int = 0  # times re-placed after losing its worker before its first token
+    block_hashes: list[bytes] | None = None  # its prompt's full blocks (prefix-aware routing)
 
     @property
     def request_id(self) -> str:
@@ -77,7 +79,7 @@ class Controller:
                  request_timeout: float, handoff_timeout: float, max_num_requests: int, policy=None,
                  policy_interval: float = 10.0, ultra_short_len: int = 0,
                  batcher: routing.ShortPromptBatcher | None = None, transfer_time_per_token: float = 0.0,
-                 step_token_budget: int = 8192) -> None:
+                 step_token_budget: int = 8192, prefix_index: PrefixIndex | None = None) -> None:
         self.workers = {w.id: w for w in workers}
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -91,6 +93,7 @@ class Controller:
         self.batcher = batcher
         self.transfer_time_per_token = transfer_time_per_token
         self.step_token_budget = step_token_budget  # a worker's tokens per step: what one step takes off its queue
+        self.prefix_index = prefix_index  # None: the workers cache no prefixes, routing ignores them
         self.resources = ResourceMonitor(telemetry.slo)  # on self.clock()
         self.last_moved: dict[int, float] = {}
         self.requests: dict[str, RequestState] = {}
@@ -200,10 +203,14 @@ class Controller:
     def _place(self, st: RequestState, placement: routing.Placement | None = None) -> None:
         """Send a request that has no token yet to a worker that will prefill it."""
         req = st.request
+        bs = self._block_size()
+        if self.prefix_index is not None and st.block_hashes is None:
+            st.block_hashes = chain_hashes(req.prompt_token_ids, bs, [], (req.num_prompt_tokens - 1) // bs)
         if placement is None:
-            admits = routing.admission(self.policy, self._block_size())
-            placement = routing.place_prompt(self.views(), req.num_prompt_tokens, self.ultra_short_len,
-                                             self._block_size(), admits)
+            cached = None if self.prefix_index is None else {
+                w: n * bs for w, n in self.prefix_index.cached_blocks(st.block_hashes).items()}
+            placement = routing.place_prompt(self.views(), req.num_prompt_tokens, self.ultra_short_len, bs,
+                                             routing.admission(self.policy, bs), cached)
         if placement is None:
             self.unplaced.append(st)
             return
@@ -213,6 +220,8 @@ class Controller:
             self.unplaced.append(st)
             return
         st.worker, st.on_decode = w.id, not placement.hand_off
+        if self.prefix_index is not None:
+            self.prefix_index.record(w.id, st.block_hashes, w.num_blocks)
         req.status = RequestStatus.PREFILLING
         self.pending_prefill_tokens[w.id] += req.num_prompt_tokens
 
@@ -373,6 +382,8 @@ class Controller:
                                                  "under this request before its first token)")
                 else:
                     self._end(st, "abort", error=f"worker {w.id} was lost")
+        if self.prefix_index is not None:
+            self.prefix_index.forget(w.id)
         if not self.closing:
             self._tasks.append(asyncio.create_task(self._respawn(w), name=f"dopd-respawn-{w.id}"))
 

@@ -23,6 +23,7 @@ from dopd.controller import Controller
 from dopd.embedded import resolve_model
 from dopd.messages import Role
 from dopd.metrics import SLO
+from dopd.policy.prefix_index import PrefixIndex
 from dopd.snapshot import cluster_snapshot
 from dopd.telemetry import Telemetry
 
@@ -174,7 +175,8 @@ async def serve(cfg: DopdConfig, ready: asyncio.Event | None = None) -> None:
     controller = Controller(handles, setup.tokenizer, setup.max_model_len, telemetry, cfg.server.request_timeout,
                             cfg.server.handoff_timeout, cfg.server.max_num_requests, policy,
                             policy_interval=cfg.policy.interval, ultra_short_len=ultra_short, batcher=batcher,
-                            transfer_time_per_token=per_token, step_token_budget=setup.max_num_batched_tokens)
+                            transfer_time_per_token=per_token, step_token_budget=setup.max_num_batched_tokens,
+                            prefix_index=PrefixIndex() if cfg.cache.enable_prefix_caching else None)
     await controller.start()
     api = Api(controller, setup.model_name, cfg.server.api_key)
     runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)

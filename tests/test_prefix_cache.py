@@ -8,6 +8,9 @@ import pytest
 from conftest import hf_greedy
 from dopd import LLM, SamplingParams
 from dopd.kv.blocks import BlockAllocator, chain_hashes
+from dopd.messages import Role
+from dopd.policy.prefix_index import PrefixIndex
+from dopd.policy.routing import WorkerView, pick_prefill_worker, place_prompt
 from dopd.sampling_params import SamplingParams as Params
 from dopd.scheduler import Scheduler
 from dopd.sequence import Sequence
@@ -184,6 +187,38 @@ def test_off_means_off():
     s.add(make_seq("b", SYSTEM + [2]))
     assert step(s) == {"a": 11, "b": 11}
     assert s.allocator.num_cached == 0
+
+
+# ---- routing ------------------------------------------------------------------------------------
+
+def test_the_index_forgets_a_prompts_tail_before_its_head():
+    index = PrefixIndex()
+    a = chain_hashes(list(range(16)), 4, [], 4)
+    b = chain_hashes(list(range(100, 108)), 4, [], 2)
+    index.record(0, a, capacity=5)
+    assert index.cached_blocks(a) == {0: 4} and index.cached_blocks(b) == {}
+    index.record(0, b, capacity=5)  # one over: a's last block goes
+    assert index.cached_blocks(a) == {0: 3} and index.cached_blocks(b) == {0: 2}
+    index.record(1, a[:2], capacity=5)
+    assert index.cached_blocks(a) == {0: 3, 1: 2}
+    index.forget(0)
+    assert index.cached_blocks(a) == {1: 2}
+
+
+def prefill_worker(i: int, pending: int) -> WorkerView:
+    return WorkerView(i, Role.PREFILL, True, False, 0, 0, 0, 100, 100, pending)
+
+
+def test_a_prompt_goes_where_its_prefix_is_unless_the_queue_there_costs_more():
+    idle = [prefill_worker(0, 0), prefill_worker(1, 0)]
+    assert pick_prefill_worker(idle) == 0
+    assert pick_prefill_worker(idle, {1: 64}) == 1
+    busy = [prefill_worker(0, 0), prefill_worker(1, 500)]
+    assert pick_prefill_worker(busy, {1: 256}) == 0  # 244 tokens more to wait for than to compute
+    assert pick_prefill_worker(busy, {1: 600}) == 1
+    placed = place_prompt(busy + [WorkerView(2, Role.DECODE, True, False, 0, 0, 0, 100, 100, 0)], 700,
+                          cached_tokens={1: 600})
+    assert (placed.worker, placed.hand_off) == (1, True)
 
 
 # ---- engine --------------------------------------------------------------------------------------

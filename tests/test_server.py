@@ -181,3 +181,33 @@ def _prefix_cache_hits(server) -> float:
             if line.startswith("vllm:prefix_cache_hits_total"):
                 return float(line.split()[-1])
     return 0.0
+
+
+def test_a_prompt_is_routed_to_the_prefill_worker_holding_its_prefix(llama_dir, texts):
+    """Two prefill workers: a prompt whose prefix worker 0 prefilled goes there, though worker 0 has
+    a prompt queued and worker 1 nothing, because its cache saves more than the queue costs."""
+    server = ServerProcess("--model", str(llama_dir), "--gpus", "3", "--mode", "static", "--pd-ratio", "2:1")
+    prefix = " ".join(texts * 4)  # ~1,100 tokens
+    model = str(llama_dir)
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused")
+        try:
+            await client.completions.create(model=model, prompt=prefix + " one", max_tokens=2, temperature=0)
+            # Worker 0 holds the prefix; a 300-token prompt is queued on it when the second arrives.
+            other = " ".join(reversed(texts))
+            _, second = await asyncio.gather(
+                client.completions.create(model=model, prompt=other, max_tokens=2, temperature=0),
+                client.completions.create(model=model, prompt=prefix + " two", max_tokens=2, temperature=0))
+            return second.usage
+        finally:
+            await client.close()
+
+    try:
+        num_prefix = len(load_tokenizer(llama_dir).encode(prefix))
+        usage = asyncio.run(run())
+        assert usage.prompt_tokens_details.cached_tokens >= (num_prefix - 16) // 16 * 16
+        snap = server.wait_idle()
+        assert all(w["kv_blocks_free"] == w["kv_blocks_total"] for w in snap["workers"])
+    finally:
+        assert server.stop() == 0, server.logs()

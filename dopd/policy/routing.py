@@ -1,7 +1,8 @@
 """Where each request goes: pure functions of the workers' views (no I/O, no clock).
 
-- a new prompt → a prefill worker (least pending prefill work), or in colocated mode → the least
-  loaded mixed worker, or — an ultra-short prompt, when the step that prefills it stays within the
+- a new prompt → a prefill worker (least prefill work ahead of it there: the prompt tokens queued
+  on it, less those of this prompt its prefix cache likely holds, as Dynamo's KV router scores
+  them), or in colocated mode → the least loaded mixed worker, or — an ultra-short prompt, when the step that prefills it stays within the
   TPOT SLO — straight to a decode worker, which prefills it itself and skips the KV transfer;
 - a prefilled request → the decode worker with the most headroom (KV usage and queue, as Dynamo's
   KV router scores them), provided its free blocks cover the request with a watermark to spare.
@@ -46,12 +47,16 @@ class WorkerView:
         return 1.0 - self.kv_blocks_free / self.kv_blocks_total if self.kv_blocks_total else 1.0
 
 
-def pick_prefill_worker(workers: list[WorkerView]) -> int | None:
-    """The prefill-capable worker with the least prompt work queued on it."""
+def pick_prefill_worker(workers: list[WorkerView], cached_tokens: dict[int, int] | None = None) -> int | None:
+    """The prefill-capable worker that would finish this prompt's prefill first: the least prompt
+    work queued on it plus this prompt's tokens it does not hold (`cached_tokens`: worker -> tokens
+    of this prompt its prefix cache likely holds)."""
     candidates = [w for w in workers if w.accepts_prefill]
     if not candidates:
         return None
-    return min(candidates, key=lambda w: (w.pending_prefill_tokens, w.num_waiting + w.num_running, w.id)).id
+    cached = cached_tokens or {}
+    return min(candidates, key=lambda w: (w.pending_prefill_tokens - cached.get(w.id, 0),
+                                          w.num_waiting + w.num_running, w.id)).id
 
 
 Admission = Callable[..., bool]  # (decode worker, blocks of the request[, prefill_tokens=]) -> may it take it?
@@ -106,7 +111,8 @@ class Placement:
 
 
 def place_prompt(workers: list[WorkerView], num_tokens: int, ultra_short_len: int = 0,
-                 block_size: int = 16, admits: Admission | None = None) -> Placement | None:
+                 block_size: int = 16, admits: Admission | None = None,
+                 cached_tokens: dict[int, int] | None = None) -> Placement | None:
     """A new prompt's placement, or None when no worker can take it now.
 
     Disaggregated: a prefill worker, except an ultra-short prompt (≤ `ultra_short_len` tokens),
@@ -123,7 +129,7 @@ def place_prompt(workers: list[WorkerView], num_tokens: int, ultra_short_len: in
         target = pick_decode_worker(local, -(-num_tokens // block_size) + 1, admits=admits_here)
         if target is not None:
             return Placement(target, hand_off=False)
-    target = pick_prefill_worker(workers)
+    target = pick_prefill_worker(workers, cached_tokens)
     if target is None:
         return None
     role = next(w.role for w in workers if w.id == target)
