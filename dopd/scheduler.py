@@ -57,8 +57,6 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
         self.prefix_caching = prefix_caching
-        self.num_prompt_tokens_queried = 0  # prefix cache: prompt tokens looked up, and found
-        self.num_prompt_tokens_hit = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.parked: dict[str, Sequence] = {}
@@ -125,11 +123,8 @@ class Scheduler:
                 self._unshare(seq)
                 break
             self.waiting.popleft()
-            if self.prefix_caching:
-                self.num_prompt_tokens_queried += seq.num_tokens
-                self.num_prompt_tokens_hit += seq.num_computed_tokens
-                if seq.num_output_tokens == 0:
-                    seq.num_cached_tokens = seq.num_computed_tokens
+            if seq.num_output_tokens == 0:
+                seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._take(batch, seq, num_new)
