@@ -273,7 +273,7 @@ class Controller:
         if req.num_output_tokens == 0:
             self.pending_prefill_tokens[w.id] -= req.num_prompt_tokens
             if self.prefix_index is not None:  # prefix caching is on
-                self.telemetry.observe_prefill(req.num_prompt_tokens, out.num_cached_tokens or 0)
+                self.telemetry.observe_prefill(time.monotonic(), req.num_prompt_tokens, out.num_cached_tokens or 0)
             if st.on_decode:
                 req.status = RequestStatus.DECODING
         if req.add_token(out):

@@ -34,7 +34,7 @@ ROLE_STYLE = {"prefill": "cyan", "decode": "magenta", "mixed": "yellow", "idle":
 STATE_STYLE = {"serving": "green", "starting": "bright_black", "draining": "yellow", "migrating": "yellow",
                "dead": "bold white on red"}
 LATENCY_KEYS = ("throughput_rps", "output_tokens_per_s", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90",
-                "slo_attainment")
+                "slo_attainment", "prefix_cache_hit_rate")
 WIDE = (110, 32)  # from this many columns and lines on: panels, more columns, longer sparklines and log
 
 
@@ -232,6 +232,8 @@ def _split_lines(snapshot: dict, history: History, width: int, spark: int, wide:
     load = [(rate, history.get("throughput_rps"), {}),
             (f"{_num(lat.get('output_tokens_per_s'), '.0f')} tok/s", history.get("output_tokens_per_s"), {}),
             (f"in flight {snapshot.get('num_requests', '-')}", history.get("num_requests"), {})]
+    if lat.get("prefix_cache_hit_rate") is not None:
+        load.append((f"cached {lat['prefix_cache_hit_rate']:.0%}", history.get("prefix_cache_hit_rate"), {"hi": 1.0}))
     if wide:  # one quantity a line in a side panel
         return [_line(split, width, spark), *(_line([p], width, spark) for p in (*fc, *load))]
     return [_line(split + fc, width, spark), _line(load, width, spark)]

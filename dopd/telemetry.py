@@ -52,6 +52,7 @@ class Telemetry:
                                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                          registry=self.registry)
         self.recent: deque[tuple[float, RequestRecord]] = deque(maxlen=window)
+        self.recent_prefills: deque[tuple[float, int, int]] = deque(maxlen=window)  # (time, prompt, cached)
 
     def record(self, finished_at: float, record: RequestRecord) -> None:
         m = self._model
@@ -65,7 +66,9 @@ class Telemetry:
             if record.output_len > 1:
                 self.tpot.labels(m).observe(tpot(record))
 
-    def observe_prefill(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+    def observe_prefill(self, now: float, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """A prompt was prefilled (with prefix caching on) and `num_cached_tokens` of it were found cached."""
+        self.recent_prefills.append((now, num_prompt_tokens, num_cached_tokens))
         self.prefix_cache_queries.labels(self._model).inc(num_prompt_tokens)
         self.prefix_cache_hits.labels(self._model).inc(num_cached_tokens)
 
@@ -99,6 +102,11 @@ class Telemetry:
         def pct(values: list[float], q: float) -> float | None:
             return float(np.percentile(values, q)) if values else None
 
+        prompt = cached = 0
+        for t, n, c in self.recent_prefills:
+            if now - t <= seconds:
+                prompt, cached = prompt + n, cached + c
+
         return {
             "window_s": seconds, "num_finished": len(records), "num_failed": len(records) - len(ok),
             "ttft_p50": pct(ttfts, 50), "ttft_p90": pct(ttfts, 90),
@@ -108,4 +116,5 @@ class Telemetry:
             "goodput_rps": good / span,
             "throughput_rps": len(ok) / span,
             "output_tokens_per_s": sum(r.output_len for r in ok) / span,
+            "prefix_cache_hit_rate": cached / prompt if prompt else None,  # of the prompt tokens prefilled
         }

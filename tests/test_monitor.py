@@ -48,7 +48,8 @@ def busy_snapshot(t: float = 130.0, ttft_p90: float = 0.5) -> dict:
         "queues": {"unplaced": 0, "handoff": 3, "prefill": 3, "decode": 0, "mixed": 1, "idle": 0},
         "latency": {"window_s": 60, "num_finished": 100, "num_failed": 1, "ttft_p50": 0.2, "ttft_p90": ttft_p90,
                     "tpot_p50": 0.03, "tpot_p90": 0.07, "slo_ttft": 1.5, "slo_tpot": 0.05, "slo_attainment": 0.97,
-                    "goodput_rps": 3.2, "throughput_rps": 3.3, "output_tokens_per_s": 700.0},
+                    "goodput_rps": 3.2, "throughput_rps": 3.3, "output_tokens_per_s": 700.0,
+                    "prefix_cache_hit_rate": 0.43},
         "role_changes": [
             {"worker": 2, "from": "decode", "to": "prefill", "reason": "ratio 3:1 for rate 4.2 req/s",
              "started_at": 100.0, "finished_at": 100.05, "duration_ms": 50.0, "num_migrated": 3, "migrate": True},
@@ -100,6 +101,7 @@ def test_idle(width: int, height: int) -> None:
     assert "no role changes yet" in out
     assert "handoff 0" in out and "prefill 0" in out
     assert "0%" in out
+    assert "cached" not in out  # no prefill in the window (or caching off): nothing to say
 
 
 @pytest.mark.parametrize("width,height", SIZES)
@@ -111,6 +113,7 @@ def test_busy(width: int, height: int) -> None:
     assert "97.0%" in out and "goodput 3.20" in out
     assert "98%" in out and "27%" in out  # KV use of worker 3 (100 of 4096 free) and worker 0
     assert "700 tok/s" in out and "forecast 4.10 req/s" in out and "in flight 42" in out
+    assert "cached 43%" in out  # the prompt tokens the prefix caches held
     assert any(glyph in out for glyph in BLOCKS[1:])
     assert "handoff 3" in out
     assert "target 3P 4D" in out and "12C" not in out  # only the roles of the policy's target

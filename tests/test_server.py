@@ -173,6 +173,7 @@ def test_a_shared_prompt_prefix_is_computed_once(server3, llama_dir, texts):
     snap = server3.wait_idle()
     assert all(w["kv_blocks_free"] == w["kv_blocks_total"] for w in snap["workers"])
     assert any(w["kv_blocks_cached"] for w in snap["workers"] if w["role"] == "prefill")
+    assert 0 < snap["latency"]["prefix_cache_hit_rate"] < 1
 
 
 def _prefix_cache_hits(server) -> float:
