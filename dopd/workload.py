@@ -12,6 +12,7 @@ Pure except for reading trace files; no torch.
 import csv
 import json
 import math
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,26 @@ class WorkloadRequest(msgspec.Struct):
     output_len: int
     prompt: str | None = None
     hash_ids: list[int] | None = None  # Mooncake prefix blocks, for prefix-aware routing
+
+
+def prefix_block_keys(hash_ids: list[int] | None, input_len: int, index: int, block_size: int) -> list[bytes]:
+    """A key for each full `block_size`-token block of the prompt `scripts/bench.py` sends for the
+    `index`-th request (`input_len` tokens, Mooncake `hash_ids` or None): equal keys exactly where two such prompts hold the same tokens up to
+    and including that block - the same chain of Mooncake `hash_ids` (a block's tokens are a function
+    of its id), or nothing shared past them (the rest is the request's own). What the simulator's
+    prefix cache looks blocks up by, without making the tokens."""
+    if MOONCAKE_BLOCK_SIZE % block_size:
+        raise ValueError(f"block size {block_size} does not divide Mooncake's {MOONCAKE_BLOCK_SIZE}")
+    per = MOONCAKE_BLOCK_SIZE // block_size
+    ids = hash_ids or []
+    keys, chain = [], b""
+    for k in range(input_len // block_size):
+        j, sub = divmod(k, per)
+        if sub == 0:
+            source = f"block {ids[j]}" if j < len(ids) else f"request {index} block {j}"
+            chain = hashlib.sha256(chain + source.encode()).digest()
+        keys.append(chain + sub.to_bytes(4, "little"))
+    return keys
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,11 @@ benchmark (`bench.run_workload`), and the simulator runs the same requests under
 (`dopd.sim.simulator.sim_config`). Reported: SLO attainment (points apart) and goodput (relative).
 The target: within 3 points of attainment and 10% of goodput.
 
-    python scripts/validate_sim.py [--synthetic SPEC] [--system NAME=FLAGS ...] [--json OUT]
+    python scripts/validate_sim.py [--synthetic SPEC | --trace FILE [--num-requests N] [--rate-scale X]
+                                   [--max-input-len L]] [--system NAME=FLAGS ...] [--json OUT]
+
+A Mooncake trace's shared prefixes reach both sides: the benchmark sends them as shared token ids,
+and the simulator's prefix cache keys its blocks the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from scripts import bench  # noqa: E402
 from dopd.config import DopdConfig, add_arguments, from_args  # noqa: E402
 from dopd.metrics import summarize  # noqa: E402
 from dopd.sim.simulator import Simulator, sim_config  # noqa: E402
-from dopd.workload import synthetic  # noqa: E402
+from dopd.workload import load_trace, shape, synthetic  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402
 
 COMMON = "--model tiny --engine mock --hardware h100 --model-profile llama3-70b-fp8 --gpus 8 --slo-ttft 1.5 --slo-tpot 0.05"
@@ -56,13 +60,20 @@ def live(flags: list[str], reqs: list) -> tuple[list, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--synthetic", default=WORKLOAD)
+    parser.add_argument("--trace", help="a trace file instead (Azure CSV, Mooncake JSONL, ...)")
+    parser.add_argument("--num-requests", type=int, help="the trace's first N requests")
+    parser.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's rate")
+    parser.add_argument("--max-input-len", type=int, help="clamp the trace's prompt lengths")
     parser.add_argument("--common", default=COMMON, help="server flags every system shares")
     parser.add_argument("--system", action="append", help="NAME=FLAGS (default: colocated, two statics, dopd)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     systems = dict(s.split("=", 1) for s in args.system) if args.system else SYSTEMS
-    reqs = synthetic(args.synthetic, seed=args.seed)
+    if args.trace:
+        reqs = shape(load_trace(args.trace), args.rate_scale, args.num_requests, max_input_len=args.max_input_len)
+    else:
+        reqs = synthetic(args.synthetic, seed=args.seed)
     rows = []
     for name, extra in systems.items():
         flags = shlex.split(args.common) + shlex.split(extra)
@@ -90,7 +101,8 @@ def main() -> None:
               f"{r['goodput_relative_diff']:.1%} | {r['live_ttft_p90']:.2f} / {r['sim_ttft_p90']:.2f} | "
               f"{r['live_tpot_p90'] * 1e3:.1f} / {r['sim_tpot_p90'] * 1e3:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps({"workload": args.synthetic, "common": args.common, "rows": rows}, indent=1))
+        workload = args.trace or args.synthetic
+        args.json.write_text(json.dumps({"workload": workload, "common": args.common, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ simulated: time (a heap of events instead of processes and sleeps) and the contr
 (placing a request, handing its KV to a decode worker, applying a decision), which here is a direct
 call where the server sends a message. A KV handoff takes the cost model's link time, during which
 the destination's blocks are held, as in the server.
+
+A simulated prompt is a length, not tokens; prefix caching (the scheduler's, and the controller's
+prefix-aware routing) runs where the workload says which prompts share what: Mooncake traces'
+`hash_ids`, turned into the block keys of the prompts `scripts/bench.py` would send
+(`dopd.workload.prefix_block_keys`). Other workloads share nothing, as their prompts on the wire.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from dopd.metrics import SLO, RequestRecord, summarize
 from dopd.moves import RoleMove
 from dopd.policy import routing
 from dopd.policy.base import Snapshot, make_policy, queued_prefill_tokens, should_migrate
+from dopd.policy.prefix_index import PrefixIndex
 from dopd.policy.resources import ResourceMonitor
 from dopd.sampling_params import SamplingParams
 from dopd.scheduler import ScheduledBatch, Scheduler
 from dopd.sequence import Sequence
 from dopd.sim.costmodel import CostModel
 from dopd.workers.mock import batch_step_time
-from dopd.workload import WorkloadRequest
+from dopd.workload import WorkloadRequest, prefix_block_keys
 
 POLICY_TICK = 0.25  # as the server's housekeeping
 MAX_RUN_STEPS = 16  # decode steps one event may stand for (see `_kick`)
@@ -49,6 +55,7 @@ class SimConfig:
     max_num_seqs: int = 128  # the server's defaults
     max_num_batched_tokens: int = 8192
     max_time: float = math.inf
+    prefix_caching: bool = True  # as the server's default; in effect for workloads with Mooncake hash_ids
 
 
 @dataclass(slots=True, eq=False)
@@ -57,6 +64,7 @@ class SimRequest:
     arrival: float
     input_len: int
     output_len: int
+    hash_ids: list[int] | None = None
     seq: Sequence | None = None  # made at arrival, dropped when done: only live requests hold one
     worker: int | None = None
     on_decode: bool = False
@@ -97,13 +105,14 @@ class Simulator:
         self.now = 0.0
         self.events: list = []
         self._order = itertools.count()
-        self.requests = [SimRequest(i, r.arrival_time, r.input_len, r.output_len)
+        self.requests = [SimRequest(i, r.arrival_time, r.input_len, r.output_len, r.hash_ids)
                          for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_time))]
+        caching = cfg.prefix_caching and any(r.hash_ids for r in self.requests)
+        self.prefix_index = PrefixIndex() if caching else None
         self.live: dict[str, SimRequest] = {}  # request id -> request, for the live ones
         num_blocks = max(1, cfg.cost.kv_capacity_tokens // cfg.block_size)
-        # No prefix caching here: a simulated prompt is a length (its tokens are zeros), not text.
         self.workers = [SimWorker(i, role, Scheduler(BlockAllocator(num_blocks), cfg.block_size, cfg.max_num_seqs,
-                                                     cfg.max_num_batched_tokens))
+                                                     cfg.max_num_batched_tokens, prefix_caching=caching))
                         for i, role in enumerate(self._initial_roles())]
         self.policy = make_policy(cfg.policy, cfg.cost, cfg.slo, cfg.num_workers, cfg.policy_cfg)
         self.monitor = ResourceMonitor(cfg.slo)
@@ -174,6 +183,8 @@ class Simulator:
         # The token list only needs its length (the scheduler asks nothing else): a bytearray keeps
         # a long prompt to a byte a token, with C-speed len() and append().
         r.seq = Sequence(str(r.index), bytearray(r.input_len), r.input_len, PARAMS, max(1, r.output_len))
+        if self.prefix_index is not None:  # the keys the scheduler would hash the prompt's tokens into
+            r.seq.block_hashes = prefix_block_keys(r.hash_ids, r.input_len, r.index, self.cfg.block_size)
         self.live[r.seq.request_id] = r
         self.monitor.on_arrival(r.input_len, r.output_len)
         long_len = getattr(self.policy, "long_prompt_len", lambda: None)()
@@ -183,10 +194,13 @@ class Simulator:
             self._place(r)
 
     def _place(self, r: SimRequest, placement: routing.Placement | None = None) -> None:
+        bs = self.cfg.block_size
+        shareable = r.seq.block_hashes[:(r.input_len - 1) // bs]  # as the controller hashes a prompt
         if placement is None:
-            admits = routing.admission(self.policy, self.cfg.block_size)
-            placement = routing.place_prompt(self._views(), r.input_len, self.ultra_short_len, self.cfg.block_size,
-                                             admits)
+            cached = None if self.prefix_index is None else {
+                w: n * bs for w, n in self.prefix_index.cached_blocks(shareable).items()}
+            placement = routing.place_prompt(self._views(), r.input_len, self.ultra_short_len, bs,
+                                             routing.admission(self.policy, bs), cached)
         if placement is None:
             self.unplaced.append(r)
             return
@@ -194,6 +208,8 @@ class Simulator:
         self._interrupt(w)
         r.seq.hand_off = placement.hand_off
         r.worker, r.on_decode = w.id, not placement.hand_off
+        if self.prefix_index is not None:
+            self.prefix_index.record(w.id, shareable, w.scheduler.allocator.num_total)
         w.pending_prefill_tokens += r.input_len
         w.scheduler.add(r.seq)
         self._kick(w)
@@ -328,6 +344,7 @@ class Simulator:
         src.scheduler.release(r.seq.request_id)
         seq = Sequence(r.seq.request_id, r.seq.token_ids, r.input_len, PARAMS, r.seq.max_tokens)
         seq.num_computed_tokens = len(seq.token_ids) - 1
+        seq.block_hashes = r.seq.block_hashes  # the decode worker registers the adopted blocks under them
         r.seq, r.worker, r.on_decode = seq, d.id, True
         d.scheduler.add_running(seq, blocks)
         self._progress_move(src)
@@ -437,7 +454,8 @@ def sim_config(cfg) -> SimConfig:
     return SimConfig(cost=cost, num_workers=num_workers, policy=cluster.mode, pd_ratio=split, slo=slo,
                      policy_cfg=cfg.policy, block_size=cfg.cache.block_size,
                      max_num_seqs=cfg.scheduler.max_num_seqs,
-                     max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens or 8192)
+                     max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens or 8192,
+                     prefix_caching=cfg.cache.enable_prefix_caching)
 
 
 def simulate(requests: list[WorkloadRequest], cost: CostModel, num_workers: int, policy: str = "dopd",
