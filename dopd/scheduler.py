@@ -159,8 +159,8 @@ class Scheduler:
         if num_full <= seq.num_registered_blocks:
             return
         hashes = chain_hashes(seq.token_ids, self.block_size, seq.block_hashes, num_full)
-        for i in range(seq.num_registered_blocks, num_full):
-            self.allocator.register(seq.block_ids[i], hashes[i])
+        first = seq.num_registered_blocks
+        self.allocator.register(seq.block_ids[first:num_full], hashes[first:num_full])
         seq.num_registered_blocks = num_full
 
     def _grow(self, seq: Sequence, num_new: int) -> bool:

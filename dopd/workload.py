@@ -43,14 +43,14 @@ def prefix_block_keys(hash_ids: list[int] | None, input_len: int, index: int, bl
     if MOONCAKE_BLOCK_SIZE % block_size:
         raise ValueError(f"block size {block_size} does not divide Mooncake's {MOONCAKE_BLOCK_SIZE}")
     per = MOONCAKE_BLOCK_SIZE // block_size
+    subs = [sub.to_bytes(4, "little") for sub in range(per)]
     ids = hash_ids or []
     keys, chain = [], b""
-    for k in range(input_len // block_size):
-        j, sub = divmod(k, per)
-        if sub == 0:
-            source = f"block {ids[j]}" if j < len(ids) else f"request {index} block {j}"
-            chain = hashlib.sha256(chain + source.encode()).digest()
-        keys.append(chain + sub.to_bytes(4, "little"))
+    num_full = input_len // block_size
+    for j in range(-(-num_full // per)):  # each Mooncake block: its id chained to those before it
+        source = f"block {ids[j]}" if j < len(ids) else f"request {index} block {j}"
+        chain = hashlib.sha256(chain + source.encode()).digest()
+        keys.extend(chain + sub for sub in subs[:min(per, num_full - j * per)])
     return keys
 
 

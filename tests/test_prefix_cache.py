@@ -31,8 +31,7 @@ def test_a_freed_registered_block_stays_findable_until_evicted_last():
     a = BlockAllocator(4)
     h = chain_hashes(list(range(8)), 4, [], 2)
     blocks = a.allocate(2)
-    a.register(blocks[0], h[0])
-    a.register(blocks[1], h[1])
+    a.register(blocks, h)
     a.free(blocks)
     assert a.num_free == a.num_total and a.num_cached == 2
     # Two never-registered blocks are free: they go first, the cached prefix survives.
@@ -47,7 +46,7 @@ def test_shared_blocks_are_ref_counted():
     a = BlockAllocator(3)
     h = chain_hashes(list(range(4)), 4, [], 1)
     (block,) = a.allocate(1)
-    a.register(block, h[0])
+    a.register([block], h)
     assert a.lookup(h) == [block]
     a.share([block])
     a.free([block])
@@ -67,8 +66,7 @@ def test_the_same_prefix_registered_twice_keeps_the_first():
     a = BlockAllocator(2)
     h = chain_hashes([5, 6], 2, [], 1)
     first, second = a.allocate(2)
-    a.register(first, h[0])
-    a.register(second, h[0])
+    a.register([first, second], h * 2)
     assert a.lookup(h) == [first] and a.num_cached == 1
     a.free([first, second])
     assert a.num_free == 2

@@ -56,26 +56,30 @@ class BlockAllocator:
     def allocate(self, num_blocks: int) -> list[int]:
         if num_blocks > self.num_free:
             raise MemoryError(f"asked for {num_blocks} KV blocks, {self.num_free} free")
-        ids = []
-        for _ in range(num_blocks):
-            if self._free:
-                block_id = self._free.pop()
-            else:
-                block_id, _ = self._evictable.popitem(last=False)
-                del self._block_of[self._hash_of.pop(block_id)]
-            self._refs[block_id] = 1
+        # Per block in Python, so kept lean: a 12k-token prompt is 750 blocks, and the simulator
+        # admits thousands of them.
+        free, refs = self._free, self._refs
+        take = min(num_blocks, len(free))
+        ids = free[len(free) - take:][::-1]  # pop order: the top of the stack first
+        del free[len(free) - take:]
+        for _ in range(num_blocks - take):
+            block_id, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block_id)]
             ids.append(block_id)
+        for block_id in ids:
+            refs[block_id] = 1
         return ids
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference to each block. A sequence's blocks go last first, so that when the
         cache evicts, a prompt's tail goes before the prefix that other prompts may share."""
+        refs, registered = self._refs, self._hash_of
         for block_id in reversed(block_ids):
-            if not 0 <= block_id < self.num_total or self._refs[block_id] == 0:
+            if not 0 <= block_id < self.num_total or refs[block_id] == 0:
                 raise ValueError(f"KV block {block_id} freed but not in use")
-            self._refs[block_id] -= 1
-            if self._refs[block_id] == 0:
-                if block_id in self._hash_of:
+            refs[block_id] -= 1
+            if refs[block_id] == 0:
+                if block_id in registered:
                     self._evictable[block_id] = None
                 else:
                     self._free.append(block_id)
@@ -111,14 +115,16 @@ class BlockAllocator:
                 del self._evictable[block_id]
             self._refs[block_id] += 1
 
-    def register(self, block_id: int, block_hash: bytes) -> None:
-        """Make an in-use block findable under `block_hash`. A block already registered, or a hash
+    def register(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+        """Make in-use blocks findable under their hashes. A block already registered, or a hash
         some other block already holds (the same prefix computed twice), is left as it is."""
-        if self._refs[block_id] == 0:
-            raise ValueError(f"KV block {block_id} registered but not in use")
-        if block_id not in self._hash_of and block_hash not in self._block_of:
-            self._hash_of[block_id] = block_hash
-            self._block_of[block_hash] = block_id
+        refs, hash_of, block_of = self._refs, self._hash_of, self._block_of
+        for block_id, block_hash in zip(block_ids, block_hashes):
+            if refs[block_id] == 0:
+                raise ValueError(f"KV block {block_id} registered but not in use")
+            if block_id not in hash_of and block_hash not in block_of:
+                hash_of[block_id] = block_hash
+                block_of[block_hash] = block_id
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

@@ -20,9 +20,9 @@ class PrefixIndex:
     def record(self, worker: int, hashes: list[bytes], capacity: int) -> None:
         """`worker` was sent a prompt whose full blocks hash to `hashes`; its pool has `capacity` blocks."""
         held = self._held.setdefault(worker, OrderedDict())
-        for h in reversed(hashes):  # the head last: the most recent, so the last to be forgotten
-            held[h] = None
-            held.move_to_end(h)
+        for h in hashes:
+            held.pop(h, None)
+        held.update(dict.fromkeys(reversed(hashes)))  # the head last: the most recent, the last forgotten
         while len(held) > capacity:
             held.popitem(last=False)
 
