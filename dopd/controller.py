@@ -549,7 +549,11 @@ class Controller:
                     last_policy = now
                     closing = now >= next_interval
                     if closing:
-                        next_interval = now + self.policy_interval
+                        # A fixed cadence, as the simulator's: an interval closed late (on a tick, on a
+                        # busy event loop) must not make the next one start late too.
+                        next_interval += self.policy_interval
+                        if next_interval <= now:
+                            next_interval = now + self.policy_interval
                     self._apply(self.policy.decide(self.policy_snapshot(self.clock(), closing)))
             except Exception:  # one bad tick must not stop the housekeeping for good
                 log.exception("housekeeping failed")

@@ -15,7 +15,8 @@ needs two decode workers (the policy's own split at this load says 1.5 D, and 2.
 
 What it must show (issue 4): a move toward more prefill (a worker's move *to* prefill) decided within
 two intervals of the shift to prefill-heavy, and a move toward more decode within two intervals of
-the shift back, on the controller's clock (mapped from the client's through `GET /v1/cluster` →
+the shift back (each allowing the policy tick on which the controller closes an interval), on the
+controller's clock (mapped from the client's through `GET /v1/cluster` →
 `time`); no request fails; every pool is whole at the end. On failure the message carries the role
 log and the policy's view (forecast, target, corrections) sampled through the run.
 """
@@ -29,6 +30,7 @@ import time
 
 import pytest
 
+from dopd.controller import POLICY_TICK
 from dopd.workload import WorkloadRequest
 from scripts.bench import run_workload, token_prompt
 from serverproc import ServerProcess
@@ -146,7 +148,8 @@ def test_dopd_follows_a_shifting_load():
     assert code == 0, server.logs()
     for w in snap["workers"]:
         assert w["kv_blocks_free"] == w["kv_blocks_total"], snap["workers"]
-    window = 2 * INTERVAL
+    # Two intervals, and the policy tick that closes the second: the controller decides on ticks.
+    window = 2 * INTERVAL + POLICY_TICK
     toward_prefill = [m for m in log if adds(m, "prefill") and 0 <= m["started_at"] - boundaries[1] <= window]
     toward_decode = [m for m in log if adds(m, "decode") and 0 <= m["started_at"] - boundaries[2] <= window]
     missing = [what for what, moves in (("toward prefill within %g s of the shift to prefill-heavy" % window,
