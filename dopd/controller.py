@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from dopd.kv.blocks import blocks_needed, chain_hashes
+from dopd.kv.blocks import blocks_needed, chain_hashes, num_shareable_blocks
 from dopd.messages import (
     AbortRequest, AddRequest, Adopted, AdoptRequest, ExportRequest, Parked, Ping, Pong, ReleaseRequest,
     ResumeRequest, Role, Shutdown, StepResult, WorkerError,
@@ -205,7 +205,8 @@ class Controller:
         req = st.request
         bs = self._block_size()
         if self.prefix_index is not None and st.block_hashes is None:
-            st.block_hashes = chain_hashes(req.prompt_token_ids, bs, [], (req.num_prompt_tokens - 1) // bs)
+            shareable = num_shareable_blocks(req.num_prompt_tokens, bs)
+            st.block_hashes = chain_hashes(req.prompt_token_ids, bs, [], shareable)
         if placement is None:
             cached = None if self.prefix_index is None else {
                 w: n * bs for w, n in self.prefix_index.cached_blocks(st.block_hashes).items()}

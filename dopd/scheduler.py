@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from dopd.kv.blocks import BlockAllocator, blocks_needed, chain_hashes
+from dopd.kv.blocks import BlockAllocator, blocks_needed, chain_hashes, num_shareable_blocks
 from dopd.sequence import Sequence, SeqStatus
 
 
@@ -141,7 +141,7 @@ class Scheduler:
 
     def _share_cached_prefix(self, seq: Sequence) -> None:
         bs = self.block_size
-        hashes = chain_hashes(seq.token_ids, bs, seq.block_hashes, (seq.num_tokens - 1) // bs)
+        hashes = chain_hashes(seq.token_ids, bs, seq.block_hashes, num_shareable_blocks(seq.num_tokens, bs))
         seq.block_ids = self.allocator.lookup(hashes)
         self.allocator.share(seq.block_ids)
         seq.num_registered_blocks = len(seq.block_ids)

@@ -1,8 +1,9 @@
 """A worker's view of one request: its tokens, how many have KV in the cache, and its blocks.
 
-One rule covers prefill, decode, chunked prefill, recompute after preemption and a sequence
-adopted from another worker, and a prompt whose first blocks the prefix cache already held: the tokens `token_ids[num_computed_tokens:]` still need a forward
-pass, and once none are left the next token is sampled. After a prefill or a handoff exactly one
+One rule covers prefill, decode, chunked prefill, recompute after preemption, a sequence adopted
+from another worker and a prompt whose first blocks the prefix cache already held: the tokens
+`token_ids[num_computed_tokens:]` still need a forward pass, and once none are left the next token
+is sampled. After a prefill or a handoff exactly one
 token (the last sampled one) is pending, which is what a decode step processes.
 """
 

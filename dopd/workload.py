@@ -10,9 +10,9 @@ Pure except for reading trace files; no torch.
 """
 
 import csv
+import hashlib
 import json
 import math
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+
+from dopd.kv.blocks import blocks_needed
 
 MOONCAKE_BLOCK_SIZE = 512  # tokens per Mooncake `hash_ids` block
 
@@ -36,10 +38,11 @@ class WorkloadRequest(msgspec.Struct):
 
 def prefix_block_keys(hash_ids: list[int] | None, input_len: int, index: int, block_size: int) -> list[bytes]:
     """A key for each full `block_size`-token block of the prompt `scripts/bench.py` sends for the
-    `index`-th request (`input_len` tokens, Mooncake `hash_ids` or None): equal keys exactly where two such prompts hold the same tokens up to
-    and including that block - the same chain of Mooncake `hash_ids` (a block's tokens are a function
-    of its id), or nothing shared past them (the rest is the request's own). What the simulator's
-    prefix cache looks blocks up by, without making the tokens."""
+    `index`-th request (`input_len` tokens, Mooncake `hash_ids` or None): equal keys exactly where
+    two such prompts hold the same tokens up to and including that block - the same chain of
+    Mooncake `hash_ids` (a block's tokens are a function of its id), or nothing shared past them
+    (the rest is the request's own). What the simulator's prefix cache looks blocks up by, without
+    making the tokens."""
     if MOONCAKE_BLOCK_SIZE % block_size:
         raise ValueError(f"block size {block_size} does not divide Mooncake's {MOONCAKE_BLOCK_SIZE}")
     per = MOONCAKE_BLOCK_SIZE // block_size
@@ -47,7 +50,7 @@ def prefix_block_keys(hash_ids: list[int] | None, input_len: int, index: int, bl
     ids = hash_ids or []
     keys, chain = [], b""
     num_full = input_len // block_size
-    for j in range(-(-num_full // per)):  # each Mooncake block: its id chained to those before it
+    for j in range(blocks_needed(num_full, per)):  # each Mooncake block: its id chained to those before it
         source = f"block {ids[j]}" if j < len(ids) else f"request {index} block {j}"
         chain = hashlib.sha256(chain + source.encode()).digest()
         keys.extend(chain + sub for sub in subs[:min(per, num_full - j * per)])

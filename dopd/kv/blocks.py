@@ -131,6 +131,12 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def num_shareable_blocks(num_prompt_tokens: int, block_size: int) -> int:
+    """How many of a prompt's blocks may come from the prefix cache: its full blocks, less the one
+    holding its last token, whose logits must be computed."""
+    return (num_prompt_tokens - 1) // block_size
+
+
 def chain_hashes(token_ids, block_size: int, hashes: list[bytes], num_blocks: int) -> list[bytes]:
     """Extend `hashes` (those of the first full blocks of `token_ids`) to `num_blocks` entries.
 

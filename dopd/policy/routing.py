@@ -2,8 +2,9 @@
 
 - a new prompt → a prefill worker (least prefill work ahead of it there: the prompt tokens queued
   on it, less those of this prompt its prefix cache likely holds, as Dynamo's KV router scores
-  them), or in colocated mode → the least loaded mixed worker, or — an ultra-short prompt, when the step that prefills it stays within the
-  TPOT SLO — straight to a decode worker, which prefills it itself and skips the KV transfer;
+  them), or in colocated mode → the least loaded mixed worker, or — an ultra-short prompt, when
+  the step that prefills it stays within the TPOT SLO — straight to a decode worker, which
+  prefills it itself and skips the KV transfer;
 - a prefilled request → the decode worker with the most headroom (KV usage and queue, as Dynamo's
   KV router scores them), provided its free blocks cover the request with a watermark to spare.
 """

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from dopd.config import PolicyConfig
-from dopd.kv.blocks import BlockAllocator, blocks_needed
+from dopd.kv.blocks import BlockAllocator, blocks_needed, num_shareable_blocks
 from dopd.messages import Role
 from dopd.metrics import SLO, RequestRecord, summarize
 from dopd.moves import RoleMove
@@ -195,7 +195,7 @@ class Simulator:
 
     def _place(self, r: SimRequest, placement: routing.Placement | None = None) -> None:
         bs = self.cfg.block_size
-        shareable = r.seq.block_hashes[:(r.input_len - 1) // bs]  # as the controller hashes a prompt
+        shareable = r.seq.block_hashes[:num_shareable_blocks(r.input_len, bs)]  # as the controller hashes a prompt
         if placement is None:
             cached = None if self.prefix_index is None else {
                 w: n * bs for w, n in self.prefix_index.cached_blocks(shareable).items()}
