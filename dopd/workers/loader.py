@@ -90,7 +90,7 @@ def load_model(model_dir: Path, arch: ModelArch, dtype: torch.dtype, device: tor
     missing = _expected_keys(params) - loaded
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks weights for: {', '.join(sorted(missing)[:8])}")
-    if device.type == "cpu" and can_pack():
+    if device.type == "cpu" and can_pack(dtype):
         model.pack_for_cpu()
     if device.type == "cpu" and dtype == torch.float32 and library() is not None:
         model.use_cpu_kernels(LayerOps(library()))

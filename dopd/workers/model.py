@@ -157,8 +157,16 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def can_pack() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can prepack weights of `dtype` on this CPU: its fp16 path needs AVX512-FP16 or
+    AVX-NE-CONVERT (an AMD Zen 5 has neither, and the reorder raises); F.linear serves fp16 there."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return True
 
 
 class RMSNorm(nn.Module):
