@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import hf_greedy, make_checkpoint
+from dopd.testing import make_random_checkpoint, transformers_greedy
 from dopd import LLM, SamplingParams
 
 NEW_TOKENS = 24
@@ -26,8 +26,8 @@ def _ours(model_dir, prompts, **llm_kwargs):
     ("qwen2", dict(heads=4, kv_heads=2, tie=False)),
 ])
 def test_greedy_matches_transformers(tmp_path, prompts, arch, kwargs):
-    model_dir = make_checkpoint(tmp_path, arch, **kwargs)
-    expected, expected_lp = hf_greedy(model_dir, prompts, NEW_TOKENS)
+    model_dir = make_random_checkpoint(tmp_path, arch, **kwargs)
+    expected, expected_lp = transformers_greedy(model_dir, prompts, NEW_TOKENS)
     _, outputs = _ours(model_dir, prompts)
     for out, want, want_lp in zip(outputs, expected, expected_lp):
         got = out.outputs[0]
@@ -39,13 +39,13 @@ def test_greedy_matches_transformers(tmp_path, prompts, arch, kwargs):
 
 @pytest.mark.parametrize("block_size", [1, 16, 128])
 def test_block_sizes_give_the_same_tokens(llama_dir, prompts, block_size):
-    expected, _ = hf_greedy(llama_dir, prompts, NEW_TOKENS)
+    expected, _ = transformers_greedy(llama_dir, prompts, NEW_TOKENS)
     _, outputs = _ours(llama_dir, prompts, block_size=block_size)
     assert [o.outputs[0].token_ids for o in outputs] == expected
 
 
 def test_preemption_by_recompute_keeps_tokens(llama_dir, prompts):
-    expected, _ = hf_greedy(llama_dir, prompts, NEW_TOKENS)
+    expected, _ = transformers_greedy(llama_dir, prompts, NEW_TOKENS)
     # 60 blocks of 8 tokens hold ~480 tokens: far less than the batch needs at once (~1,200).
     llm, outputs = _ours(llama_dir, prompts, block_size=8, num_kv_blocks=60)
     assert llm.engine.scheduler.num_preemptions > 0
@@ -54,7 +54,7 @@ def test_preemption_by_recompute_keeps_tokens(llama_dir, prompts):
 
 
 def test_chunked_prefill_keeps_tokens(llama_dir, prompts):
-    expected, _ = hf_greedy(llama_dir, prompts, NEW_TOKENS)
+    expected, _ = transformers_greedy(llama_dir, prompts, NEW_TOKENS)
     # A 32-token budget splits every long prompt into chunks, and mixes chunks with decodes.
     _, outputs = _ours(llama_dir, prompts, max_num_batched_tokens=32)
     assert [o.outputs[0].token_ids for o in outputs] == expected

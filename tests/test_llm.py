@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import hf_greedy
+from dopd.testing import transformers_greedy
 from dopd import LLM, SamplingParams
 from dopd.embedded import resolve_model
 
@@ -139,7 +139,7 @@ def test_mistral_checkpoint_loads(tmp_path, prompts):
     torch.manual_seed(0)
     MistralForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    expected, _ = hf_greedy(tmp_path, prompts[:4], 8)
+    expected, _ = transformers_greedy(tmp_path, prompts[:4], 8)
     llm = LLM(model=str(tmp_path), device="cpu")
     assert llm.max_model_len == 512  # full attention never looks past the sliding window
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:4]],
@@ -158,7 +158,7 @@ def test_smollm2_greedy_parity_and_words():
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                  tokenize=True, return_dict=False) for q in questions]
     prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
-    expected, expected_lp = hf_greedy(model_dir, prompts, 16)
+    expected, expected_lp = transformers_greedy(model_dir, prompts, 16)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0))
     for out, want, want_lp in zip(outs, expected, expected_lp):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import hf_greedy
+from dopd.testing import transformers_greedy
 from dopd import LLM, SamplingParams
 from dopd.kv.blocks import BlockAllocator, chain_hashes
 from dopd.messages import Role
@@ -239,7 +239,7 @@ def _generate(llm: LLM, prompts: list[list[int]]):
 
 @pytest.mark.parametrize("block_size", [1, 16])
 def test_shared_prefixes_give_transformers_tokens(llama_dir, shared_prompts, block_size):
-    expected, expected_lp = hf_greedy(llama_dir, shared_prompts, NEW_TOKENS)
+    expected, expected_lp = transformers_greedy(llama_dir, shared_prompts, NEW_TOKENS)
     llm = LLM(model=str(llama_dir), device="cpu", block_size=block_size)
     for round_ in range(2):  # the second round finds every prompt's blocks cached by the first
         outputs = _generate(llm, shared_prompts)
@@ -255,7 +255,7 @@ def test_shared_prefixes_give_transformers_tokens(llama_dir, shared_prompts, blo
 
 
 def test_eviction_and_preemption_with_a_small_pool(llama_dir, shared_prompts):
-    expected, _ = hf_greedy(llama_dir, shared_prompts, NEW_TOKENS)
+    expected, _ = transformers_greedy(llama_dir, shared_prompts, NEW_TOKENS)
     llm = LLM(model=str(llama_dir), device="cpu", block_size=4, num_kv_blocks=40)
     for _ in range(2):
         outputs = _generate(llm, shared_prompts)

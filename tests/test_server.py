@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from conftest import hf_greedy
+from dopd.testing import transformers_greedy
 from dopd.workers.loader import load_tokenizer
 from serverproc import ServerProcess
 
@@ -30,7 +30,7 @@ def texts() -> list[str]:
 @pytest.fixture(scope="module")
 def reference(llama_dir, texts) -> list[str]:
     tokenizer = load_tokenizer(llama_dir)
-    tokens, _ = hf_greedy(llama_dir, [tokenizer.encode(t) for t in texts], NEW_TOKENS)
+    tokens, _ = transformers_greedy(llama_dir, [tokenizer.encode(t) for t in texts], NEW_TOKENS)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]  # as the server streams
 
 
