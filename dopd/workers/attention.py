@@ -181,20 +181,23 @@ class FlashInferAttention:
         n = self.num_decodes = batch.num_decodes
         self.num_prefill_rows = sum(batch.q_lens[n:])
         dtype = self.pool.tensor.dtype
-        common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                      page_size=bs, q_data_type=dtype, kv_data_type=dtype)
+        # The shape goes positionally: the prefill plan names its head dim head_dim_qk, the decode plan head_dim.
+        shape = (self.num_heads, self.num_kv_heads, self.head_dim, bs)
         if n:
             indptr, indices, last = _page_table(batch.block_tables[:n], batch.kv_lens[:n], bs, device)
-            self.decode_wrapper.plan(indptr, indices, last, **common)
+            self.decode_wrapper.plan(indptr, indices, last, *shape, q_data_type=dtype, kv_data_type=dtype)
         if len(batch.q_lens) > n:
             indptr, indices, last = _page_table(batch.block_tables[n:], batch.kv_lens[n:], bs, device)
             qo_indptr = torch.tensor([0] + batch.q_lens[n:], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            self.prefill_wrapper.plan(qo_indptr.to(device), indptr, indices, last, causal=True, **common)
+            self.prefill_wrapper.plan(qo_indptr.to(device), indptr, indices, last, *shape, causal=True,
+                                      q_data_type=dtype, kv_data_type=dtype)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.pool.layer(layer)
         k_cache[self.slot_blocks, self.slot_offsets] = k
         v_cache[self.slot_blocks, self.slot_offsets] = v
+        # q comes as a view of the fused q|k projection; the kernels get it dense (a copy of a few MB at most).
+        q = q.contiguous()
         out = torch.empty_like(q)
         n = self.num_decodes
         if n:
