@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from dopd import LLM, SamplingParams  # noqa: E402
 from dopd.embedded import resolve_model  # noqa: E402
+from dopd.workers.cpu_kernels import cpu_model  # noqa: E402
 
 TOPICS = ["a dragon", "the sea", "a city at night", "an old clock", "a robot learning to paint", "the moon",
           "a lost key", "a quiet library", "a mountain village", "a talking cat", "the first snow", "a broken violin",
@@ -115,7 +116,7 @@ def main() -> None:
         tokens = batch * args.new_tokens
         rows.append({
             "model": args.model, "dtype": args.dtype, "batch": batch, "new_tokens": args.new_tokens,
-            "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "cpu": cpu_model(), "threads": torch.get_num_threads(), "repeats": args.repeats,
             "transformers_tok_s": tokens / hf_time, "dopd_tok_s": tokens / our_time, "speedup": hf_time / our_time,
             "speedup_min_max": [min(h / o for h, o in zip(hf_times, our_times)),
                                 max(h / o for h, o in zip(hf_times, our_times))],

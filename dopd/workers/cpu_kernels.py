@@ -56,7 +56,10 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("CPU kernels off: no C++ compiler (g++) found; torch's ops serve every step")
         return None
-    digest = hashlib.sha256(" ".join(COMPILE_FLAGS).encode() + _cpu_model().encode())
+    # -march=native code is only safe on the CPU it was built for. A VM's model name can be as vague as
+    # "AMD EPYC" for two generations with different instruction sets, so the flags name the build too.
+    digest = hashlib.sha256(" ".join(COMPILE_FLAGS).encode() + cpu_model().encode()
+                            + " ".join(sorted(_cpu_flags())).encode())
     for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     from dopd.embedded import cache_dir
@@ -90,9 +93,10 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def _cpu_model() -> str:
-    # -march=native code is only safe on the CPU it was built for: the model names the build.
-    return next((ln for ln in _cpu_info().splitlines() if ln.startswith("model name")), platform.processor())
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    line = next((ln for ln in _cpu_info().splitlines() if ln.startswith("model name")), "")
+    return line.partition(":")[2].strip() or platform.processor()
 
 
 class LayerOps:
