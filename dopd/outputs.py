@@ -24,7 +24,7 @@ class CompletionOutput:
     cumulative_logprob: float | None
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    stop_reason: int | str | None = None  # the stop_token_ids entry or stop string that ended it; None at EOS
 
     def finished(self) -> bool:
         return self.finish_reason is not None

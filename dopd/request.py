@@ -77,7 +77,8 @@ class Request:
             self.finish("stop", self.detok.stop_reason, now)
         elif out.finish_reason is not None:
             self.detok.flush()
-            stop = out.token_id if out.finish_reason == "stop" else None
+            # As vLLM: the stop token id when one of stop_token_ids ended it, None at EOS.
+            stop = out.token_id if out.finish_reason == "stop" and out.token_id in self.params.stop_token_ids else None
             self.finish(out.finish_reason, stop, now)
         return self.finished
 

@@ -74,8 +74,9 @@ def test_stop_token_ids_and_eos(llm, prompts):
     llm.engine.eos_token_ids = frozenset([stop_at])
     for seq_params, want in ((SamplingParams(max_tokens=20, temperature=0), ids[: first + 1]),
                              (SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), ids)):
-        got = llm.generate({"prompt_token_ids": prompts[1]}, seq_params)[0].outputs[0].token_ids
-        assert got == want
+        got = llm.generate({"prompt_token_ids": prompts[1]}, seq_params)[0].outputs[0]
+        assert got.token_ids == want
+        assert got.stop_reason is None  # EOS (or the length) ended it: no stop reason, as in vLLM
     llm.engine.eos_token_ids = frozenset()
 
 
