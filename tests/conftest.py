@@ -15,6 +15,18 @@ if "DOPD_CACHE" not in os.environ:
     os.environ["DOPD_CACHE"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "dopd-test-cache")
 
 
+@pytest.fixture(autouse=True)
+def _stop_servers_a_test_left():
+    """A test that fails before it stops its server would leave it (and its workers) running for the rest
+    of the session; stop those here. Servers from wider-scoped fixtures, started before, are theirs to stop."""
+    from serverproc import RUNNING
+
+    before = set(RUNNING)
+    yield
+    for server in RUNNING - before:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     return make_random_checkpoint(tmp_path_factory.mktemp("llama"), "llama", heads=4, kv_heads=2, tie=False)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RUNNING: set["ServerProcess"] = set()  # started and not yet stopped; conftest stops what a test leaves
 
 
 class ServerProcess:
@@ -34,6 +35,7 @@ class ServerProcess:
         if self.url is None:
             self.proc.kill()
             raise RuntimeError(f"server did not start:\n{self.logs()}")
+        RUNNING.add(self)
 
     def logs(self) -> str:
         if not self.log.closed:
@@ -61,6 +63,7 @@ class ServerProcess:
             time.sleep(0.1)
 
     def stop(self, timeout: float = 30.0) -> int:
+        RUNNING.discard(self)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
