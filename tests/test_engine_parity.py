@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dopd.testing import make_random_checkpoint, transformers_greedy
 from dopd import LLM, SamplingParams
+from dopd.testing import make_random_checkpoint, transformers_greedy
 
 NEW_TOKENS = 24
 

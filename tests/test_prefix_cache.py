@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from dopd.testing import transformers_greedy
 from dopd import LLM, SamplingParams
 from dopd.kv.blocks import BlockAllocator, chain_hashes
 from dopd.messages import Role
@@ -14,6 +13,7 @@ from dopd.policy.routing import WorkerView, pick_prefill_worker, place_prompt
 from dopd.sampling_params import SamplingParams as Params
 from dopd.scheduler import Scheduler
 from dopd.sequence import Sequence
+from dopd.testing import transformers_greedy
 
 # ---- allocator ---------------------------------------------------------------------------------
 

@@ -136,7 +136,8 @@ class Linear(nn.Linear):
     From a few rows up (batched decode, prefill) the packed GEMM streams the weights faster than
     the default one; for one or two rows the plain GEMV is faster. Where the checkpoint came as GGUF,
     steps of up to gguf.MAX_ROWS tokens multiply by its blocks instead (a quarter of the bytes or
-    less, the same float32 matrix). Results agree to ~1e-6 (float32).
+    less, the same float32 matrix). Results agree to ~1e-6 (float32). Where blocks and the packed copy
+    serve every row count between them, the loader frees the plain weight (it is then None).
     """
 
     packed: torch.Tensor | None = None
