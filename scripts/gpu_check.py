@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,12 @@ PROMPT_LENGTHS = (3, 9, 17, 33, 50, 71, 100, 130)
 NEW_TOKENS = 16
 
 
+ENGINE_KV_BLOCKS = 512  # 8,192 tokens: the prompts and their outputs, not the GPU's whole free memory per LLM
+
+
 def _generate(model_dir: Path, device: torch.device, dtype: str, backend: str, prompts: list[list[int]]):
-    llm = LLM(model=str(model_dir), device=str(device), dtype=dtype, attention_backend=backend)
+    llm = LLM(model=str(model_dir), device=str(device), dtype=dtype, attention_backend=backend,
+              num_kv_blocks=ENGINE_KV_BLOCKS)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     tokens = [o.outputs[0].token_ids for o in outs]
@@ -192,9 +197,12 @@ def check_engine(backend: str, device: torch.device, half: str, workdir: Path) -
 
 def _guarded(rows: list[dict], what: dict, run) -> None:
     """Run one check; an exception fails that check alone, so one run reports on all of them."""
+    start = time.perf_counter()
     try:
         result = run()
         rows.extend(result if isinstance(result, list) else [result])
+        print(f"{what['check']} {what.get('case', '')} {what['backend']}: {time.perf_counter() - start:.1f} s "
+              "(the first use of a FlashInfer kernel includes its JIT build)", flush=True)
     except Exception as e:  # noqa: BLE001 - a failing backend is a result here
         traceback.print_exc()
         rows.append({**what, "passed": False, "exception": f"{type(e).__name__}: {e}"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -12,7 +13,9 @@ from dopd.workers import cpu_kernels
 from dopd.workers.model import RMSNorm, apply_rotary
 
 can_run = "avx512f" in cpu_kernels._cpu_flags() and shutil.which("g++") is not None
-needs_kernels = pytest.mark.skipif(not can_run, reason="our CPU kernels need AVX-512 and g++")
+turned_off = os.environ.get("DOPD_CPU_KERNELS", "1") == "0"  # the torch-only path, asked for
+needs_kernels = pytest.mark.skipif(not can_run or turned_off, reason="our CPU kernels need AVX-512 and g++ "
+                                                                     "(and not DOPD_CPU_KERNELS=0)")
 
 
 @needs_kernels
