@@ -172,27 +172,34 @@ def _agreement(tokens, logprobs, ref_tokens, ref_logprobs) -> tuple[int, float, 
     return equal, sum(agreed) / len(agreed), worst
 
 
-def check_engine(backend: str, device: torch.device, half: str, workdir: Path) -> list[dict]:
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for name, shape in ENGINE_MODELS.items():
-        model_dir = make_random_checkpoint(workdir / name, **shape)
-        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
-        ref_tokens, ref_logprobs = transformers_greedy(model_dir, prompts, NEW_TOKENS)
-        tokens, logprobs = _generate(model_dir, device, "float32", "torch", prompts)
-        equal, agreed, worst = _agreement(tokens, logprobs, ref_tokens, ref_logprobs)
-        rows.append({"check": "engine", "case": name, "backend": "torch", "dtype": "float32",
-                     "against": "transformers float32", "sequences_equal": equal, "tokens_agreed": agreed,
-                     "logprob_diff": worst, "passed": equal == len(prompts) and worst <= LOGPROB_TOLERANCE_FP32})
-        base_tokens, base_logprobs = _generate(model_dir, device, half, "torch", prompts)
-        tokens, logprobs = _generate(model_dir, device, half, backend, prompts)
-        equal, agreed, worst = _agreement(tokens, logprobs, base_tokens, base_logprobs)
-        first_tokens = all(t[0] == b[0] for t, b in zip(tokens, base_tokens))
-        rows.append({"check": "engine", "case": name, "backend": backend, "dtype": half,
-                     "against": f"torch {half}", "sequences_equal": equal, "tokens_agreed": agreed,
-                     "logprob_diff": worst, "passed": first_tokens and worst <= LOGPROB_TOLERANCE_BF16})
-    return rows
+def engine_model(name: str, workdir: Path) -> tuple[Path, list[list[int]]]:
+    """One of ENGINE_MODELS saved under `workdir`, and its prompts (fresh random ids, a generator per model)."""
+    model_dir = make_random_checkpoint(workdir / name, **ENGINE_MODELS[name])
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    gen = torch.Generator().manual_seed(list(ENGINE_MODELS).index(name))
+    return model_dir, [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def check_engine_float32(name: str, model_dir: Path, prompts: list[list[int]], device: torch.device) -> dict:
+    """The torch backend in float32 on the device against transformers' greedy decoding (CPU, float32)."""
+    ref_tokens, ref_logprobs = transformers_greedy(model_dir, prompts, NEW_TOKENS)
+    tokens, logprobs = _generate(model_dir, device, "float32", "torch", prompts)
+    equal, agreed, worst = _agreement(tokens, logprobs, ref_tokens, ref_logprobs)
+    return {"check": "engine", "case": name, "backend": "torch", "dtype": "float32",
+            "against": "transformers float32", "sequences_equal": equal, "tokens_agreed": agreed,
+            "logprob_diff": worst, "passed": equal == len(prompts) and worst <= LOGPROB_TOLERANCE_FP32}
+
+
+def check_engine_half(name: str, model_dir: Path, prompts: list[list[int]], device: torch.device, half: str,
+                      backend: str) -> dict:
+    """The candidate backend in bf16 (or fp16) against the torch backend in the same dtype."""
+    base_tokens, base_logprobs = _generate(model_dir, device, half, "torch", prompts)
+    tokens, logprobs = _generate(model_dir, device, half, backend, prompts)
+    equal, agreed, worst = _agreement(tokens, logprobs, base_tokens, base_logprobs)
+    first_tokens = all(t[0] == b[0] for t, b in zip(tokens, base_tokens))
+    return {"check": "engine", "case": name, "backend": backend, "dtype": half, "against": f"torch {half}",
+            "sequences_equal": equal, "tokens_agreed": agreed, "logprob_diff": worst,
+            "passed": first_tokens and worst <= LOGPROB_TOLERANCE_BF16}
 
 
 def _guarded(rows: list[dict], what: dict, run) -> None:
@@ -214,9 +221,14 @@ def run_checks(backend: str, device: torch.device, dtype: torch.dtype) -> list[d
         for name in dict.fromkeys(("torch", backend)):
             _guarded(rows, {"check": "attention", "case": case.name, "backend": name},
                      lambda: check_attention(name, case, dtype, device, seed))
+    half = str(dtype).removeprefix("torch.")
     with tempfile.TemporaryDirectory() as tmp:
-        half = str(dtype).removeprefix("torch.")
-        _guarded(rows, {"check": "engine", "backend": backend}, lambda: check_engine(backend, device, half, Path(tmp)))
+        for name in ENGINE_MODELS:
+            model_dir, prompts = engine_model(name, Path(tmp))
+            _guarded(rows, {"check": "engine", "case": name, "backend": "torch", "dtype": "float32"},
+                     lambda: check_engine_float32(name, model_dir, prompts, device))
+            _guarded(rows, {"check": "engine", "case": name, "backend": backend, "dtype": half},
+                     lambda: check_engine_half(name, model_dir, prompts, device, half, backend))
     return rows
 
 
