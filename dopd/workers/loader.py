@@ -134,8 +134,9 @@ def _drop_unused_float_weights(model: CausalLM) -> None:
 
 
 def _return_freed_memory() -> None:
-    """Hand the heap pages that loading freed (read buffers, dropped weights) back to the OS: glibc keeps
-    them otherwise, ~550 MB of a SmolLM2 worker's 1.5 GB, once per worker process."""
+    """Hand the heap pages that loading freed (read buffers, dropped weights) back to the OS, which glibc
+    keeps otherwise. With the dropped matrices a SmolLM2 worker's private memory goes 1.52 -> 0.97 GB;
+    without this call it only went to 1.34 GB."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim, or not this way
