@@ -8,7 +8,7 @@ import pytest
 
 from dopd import LLM, SamplingParams
 from dopd.embedded import resolve_model
-from dopd.testing import transformers_greedy
+from dopd.testing import make_random_checkpoint, transformers_greedy
 from dopd.workers.cpu_kernels import library
 from dopd.workers.model import Linear
 
@@ -126,6 +126,21 @@ def test_half_precision_runs_close_to_float32(llama_dir, prompts, dtype):
     assert half.outputs[0].token_ids == full.outputs[0].token_ids  # decisive weights: the first token agrees
     t = full.outputs[0].token_ids[0]
     assert half.outputs[0].logprobs[0][t].logprob == pytest.approx(full.outputs[0].logprobs[0][t].logprob, abs=0.1)
+
+
+def test_tied_embeddings_without_cpu_prepacking(tmp_path, prompts, monkeypatch):
+    """A tied LM head where nothing prepacks it (CUDA; fp16 on a CPU without oneDNN's fp16 path) is the
+    embedding itself: transformers' tokens. The head used to be None there, and the first logits raised."""
+    from dopd.workers import loader
+
+    model_dir = make_random_checkpoint(tmp_path, "qwen2", heads=4, kv_heads=1, tie=True)
+    expected, _ = transformers_greedy(model_dir, prompts[:4], 8)
+    monkeypatch.setattr(loader, "can_pack", lambda dtype: False)
+    llm = LLM(model=str(model_dir), device="cpu")
+    assert llm.runner.model.lm_head is None
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:4]],
+                        SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == expected
 
 
 def test_mistral_checkpoint_loads(tmp_path, prompts):

@@ -276,7 +276,8 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        # A tied head is the embedding itself; only CPU prepacking (pack_for_cpu) gives it a module.
+        logits = F.linear(hidden, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
         return logits if logits.dtype == torch.float32 else logits.float()
 
     def use_cpu_kernels(self, ops: LayerOps) -> None:
