@@ -129,13 +129,13 @@ def worker_specs(cfg: DopdConfig, setup: Setup) -> list:
     n = setup.num_workers
     specs = []
     threads = max(1, (os.cpu_count() or 1) // n)
-    for i in range(n):
-        device = f"cuda:{i % _num_cuda()}" if setup.device.startswith("cuda") else "cpu"
+    devices = [f"cuda:{i % _num_cuda()}" if setup.device.startswith("cuda") else "cpu" for i in range(n)]
+    for i, device in enumerate(devices):
         runner = None
         if setup.mock is None:
             runner = RunnerSpec(setup.model_dir, device, cfg.model.dtype, setup.engine, setup.max_model_len,
                                 cfg.cache.block_size, cfg.cache.num_kv_blocks, cfg.cache.kv_cache_gb, threads,
-                                setup.arch)
+                                setup.arch, workers_on_device=devices.count(device) if device != "cpu" else 1)
         specs.append(WorkerSpec(i, runner, setup.mock, cfg.scheduler.max_num_seqs, setup.max_num_batched_tokens,
                                 setup.eos_token_ids, logging.getLogger().getEffectiveLevel(),
                                 cfg.cache.enable_prefix_caching))

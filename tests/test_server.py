@@ -212,3 +212,19 @@ def test_a_prompt_is_routed_to_the_prefill_worker_holding_its_prefix(llama_dir, 
         assert all(w["kv_blocks_free"] == w["kv_blocks_total"] for w in snap["workers"])
     finally:
         assert server.stop() == 0, server.logs()
+
+
+def test_workers_sharing_a_gpu_each_size_their_pool_for_a_share():
+    """More workers than GPUs (the H200 device machine has one): each worker is told how many share its
+    GPU, so that workers starting together, each seeing the GPU empty, never ask for more than it has."""
+    from dataclasses import replace
+
+    from dopd.config import ClusterConfig, DopdConfig, ModelConfig
+    from dopd.server import resolve, worker_specs
+
+    cfg = DopdConfig(model=ModelConfig(model="tiny"), cluster=ClusterConfig(gpus=3, device="cpu"))
+    setup = replace(resolve(cfg), device="cuda")  # no GPU here: torch counts none, so all three share cuda:0
+    specs = worker_specs(cfg, setup)
+    assert [s.runner.device for s in specs] == ["cuda:0"] * 3
+    assert [s.runner.workers_on_device for s in specs] == [3, 3, 3]
+    assert all(s.runner.workers_on_device == 1 for s in worker_specs(cfg, resolve(cfg)))  # CPU: a pool each

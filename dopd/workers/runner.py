@@ -38,6 +38,7 @@ class RunnerSpec:
     kv_cache_gb: float | None
     num_threads: int | None = None
     arch: ModelArch | None = None  # read from the checkpoint's config here: workers skip importing transformers
+    workers_on_device: int = 1  # workers sharing this GPU: each sizes its KV pool for its share of the memory
 
 
 class ModelRunner:
@@ -71,8 +72,10 @@ class ModelRunner:
         if spec.kv_cache_gb is not None:
             budget = spec.kv_cache_gb * 2**30
         elif self.device.type == "cuda":
+            # Workers on one GPU start together and may all see it empty: each takes its share of what it
+            # sees free, so that together they never ask for more than the fraction.
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * CUDA_MEMORY_FRACTION - 256 * 2**20  # activations and workspaces
+            budget = free * CUDA_MEMORY_FRACTION / spec.workers_on_device - 256 * 2**20  # activations, workspaces
         else:
             budget = CPU_KV_CACHE_GB * 2**30
         return max(1, int(budget // per_block))
