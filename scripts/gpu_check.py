@@ -12,6 +12,9 @@ decoding through each backend. Prints JSON and a table; exits 1 when a check fai
    float32 on the device gives transformers' greedy tokens (CPU, float32) and logprobs within 1e-4;
    the candidate backend in bf16 gives the torch backend's bf16 first tokens, and chosen-token
    logprobs within 0.05 while the two agree (a later near-tie may part them: reported, not failed).
+3. `server`: `dopd.py` with 2 workers on the one device, 1 prefill + 1 decode, float32, torch backend:
+   every request's KV crosses between the worker processes (CUDA IPC on a GPU), and the completions
+   must be transformers' greedy text.
 
     python scripts/gpu_check.py [--backend flashinfer] [--device cuda] [--json OUT]
 
@@ -202,6 +205,47 @@ def check_engine_half(name: str, model_dir: Path, prompts: list[list[int]], devi
             "passed": first_tokens and worst <= LOGPROB_TOLERANCE_BF16}
 
 
+def check_server(device: torch.device, workdir: Path) -> dict:
+    """`dopd.py` with 2 workers on the device, 1 prefill + 1 decode, float32 and the torch backend: every
+    request's KV is handed from one worker process to the other (CUDA IPC on a GPU, shared memory on a
+    CPU), and the completions must be transformers' greedy text."""
+    import asyncio
+
+    import aiohttp
+
+    from dopd.workers.loader import load_tokenizer
+    from scripts.compare import launched
+
+    model_dir, prompts = engine_model("llama-gqa", workdir)
+    ref_tokens, _ = transformers_greedy(model_dir, prompts, NEW_TOKENS)
+    tokenizer = load_tokenizer(model_dir)
+    expected = [tokenizer.decode(t, skip_special_tokens=True) for t in ref_tokens]
+    argv = ["--model", str(model_dir), "--gpus", "2", "--mode", "static", "--pd-ratio", "1:1",
+            "--device", device.type, "--dtype", "float32", "--engine", "torch",
+            "--num-kv-blocks", str(ENGINE_KV_BLOCKS), "--log-level", "warning"]
+
+    async def run() -> tuple[list[str], float]:
+        async with launched(argv, workdir / "server.log") as url, aiohttp.ClientSession() as session:
+            async def one(ids: list[int]) -> str:
+                body = {"model": str(model_dir), "prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0,
+                        "ignore_eos": True}
+                async with session.post(url + "/v1/completions", json=body) as r:
+                    return (await r.json())["choices"][0]["text"]
+
+            texts = await asyncio.gather(*(one(p) for p in prompts))
+            async with session.get(url + "/metrics") as r:
+                metrics = await r.text()
+        count = next(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("dopd:kv_handoff_seconds_count"))
+        return list(texts), count
+
+    texts, handoffs = asyncio.run(run())
+    equal = sum(t == e for t, e in zip(texts, expected))
+    return {"check": "server", "case": "llama-gqa 1P+1D", "backend": "torch", "dtype": "float32",
+            "against": "transformers float32", "sequences_equal": equal, "handoffs": handoffs,
+            "passed": equal == len(prompts) and handoffs >= len(prompts)}
+
+
 def _guarded(rows: list[dict], what: dict, run) -> None:
     """Run one check; an exception fails that check alone, so one run reports on all of them."""
     start = time.perf_counter()
@@ -229,6 +273,8 @@ def run_checks(backend: str, device: torch.device, dtype: torch.dtype) -> list[d
                      lambda: check_engine_float32(name, model_dir, prompts, device))
             _guarded(rows, {"check": "engine", "case": name, "backend": backend, "dtype": half},
                      lambda: check_engine_half(name, model_dir, prompts, device, half, backend))
+        _guarded(rows, {"check": "server", "case": "llama-gqa 1P+1D", "backend": "torch", "dtype": "float32"},
+                 lambda: check_server(device, Path(tmp)))
     return rows
 
 
@@ -238,6 +284,9 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if "exception" in r:
             detail = r["exception"][:80]
+        elif r["check"] == "server":
+            detail = (f"vs {r['against']}: {r['sequences_equal']}/{len(PROMPT_LENGTHS)} completions equal, "
+                      f"{r['handoffs']:.0f} KV handoffs")
         elif r["check"] == "attention":
             detail = (f"{r['error']:.2e} ({r['decode_error']:.2e} / {r['prefill_error']:.2e}), "
                       f"KV written {r['kv_written']}")

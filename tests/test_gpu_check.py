@@ -21,6 +21,9 @@ def test_harness_passes_the_torch_backend(tmp_path):
         assert r["kv_written"] and 1e-4 < r["decode_error"] < 1e-2 and 1e-4 < r["prefill_error"] < 1e-2, r
     for r in engine:
         assert r["sequences_equal"] == len(gpu_check.PROMPT_LENGTHS), r
+    [server] = [r for r in rows if r["check"] == "server"]  # 2 workers, shared-memory KV handoff on CPU
+    n = len(gpu_check.PROMPT_LENGTHS)
+    assert server["sequences_equal"] == n and server["handoffs"] >= n, server
 
 
 class OffByOneLayer(TorchAttention):
