@@ -124,12 +124,11 @@ def _attach_gguf_blocks(model: CausalLM, model_dir: Path, arch: ModelArch) -> No
 
 
 def _drop_unused_float_weights(model: CausalLM) -> None:
-    """Free the float32 matrix of every projection that its GGUF blocks (up to gguf.MAX_ROWS rows) and its
-    oneDNN-packed copy (more rows) between them serve at every batch size: 425 MB of a SmolLM2 worker's
-    1.5 GB. The tied LM head keeps its matrix: it is the embedding."""
+    """Free the float32 matrix of every projection whose GGUF blocks and oneDNN-packed copy serve every batch
+    size between them (Linear.weight_unused): 425 MB of a SmolLM2 worker's 1.5 GB. The tied LM head keeps
+    its matrix: it is the embedding."""
     for module in model.modules():
-        if (isinstance(module, Linear) and module.blocks is not None and module.packed is not None
-                and module.weight is not model.embed_tokens.weight):
+        if isinstance(module, Linear) and module.weight_unused() and module.weight is not model.embed_tokens.weight:
             module.weight = None
 
 

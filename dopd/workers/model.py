@@ -149,6 +149,11 @@ class Linear(nn.Linear):
         if self.weight.numel() >= self.MIN_PACKED_WEIGHTS:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
 
+    def weight_unused(self) -> bool:
+        """Whether forward never reads the plain weight: the blocks take up to MAX_BLOCK_ROWS rows and the
+        packed copy every count above."""
+        return self.blocks is not None and self.packed is not None and self.MIN_PACKED_ROWS <= MAX_BLOCK_ROWS + 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is not None and x.shape[0] <= MAX_BLOCK_ROWS:
             out = self.blocks.matmul(x)
