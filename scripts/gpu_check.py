@@ -146,10 +146,10 @@ ENGINE_MODELS = {  # head_dim 64, as FlashInfer's kernels take; decisive weights
     "llama-gqa": dict(arch="llama", hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512),
     "qwen2-tied": dict(arch="qwen2", hidden=256, layers=2, heads=4, kv_heads=1, intermediate=512, tie=True),
 }
+Reference = tuple[list[list[int]], list[list[float]]]  # transformers' greedy tokens and their logprobs
+SERVER_MODEL = "llama-gqa"  # the one also served by dopd.py with 2 workers
 PROMPT_LENGTHS = (3, 9, 17, 33, 50, 71, 100, 130)
 NEW_TOKENS = 16
-
-
 ENGINE_KV_BLOCKS = 512  # 8,192 tokens: the prompts and their outputs, not the GPU's whole free memory per LLM
 
 
@@ -183,9 +183,10 @@ def engine_model(name: str, workdir: Path) -> tuple[Path, list[list[int]]]:
     return model_dir, [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-def check_engine_float32(name: str, model_dir: Path, prompts: list[list[int]], device: torch.device) -> dict:
+def check_engine_float32(name: str, model_dir: Path, prompts: list[list[int]], reference: Reference,
+                         device: torch.device) -> dict:
     """The torch backend in float32 on the device against transformers' greedy decoding (CPU, float32)."""
-    ref_tokens, ref_logprobs = transformers_greedy(model_dir, prompts, NEW_TOKENS)
+    ref_tokens, ref_logprobs = reference
     tokens, logprobs = _generate(model_dir, device, "float32", "torch", prompts)
     equal, agreed, worst = _agreement(tokens, logprobs, ref_tokens, ref_logprobs)
     return {"check": "engine", "case": name, "backend": "torch", "dtype": "float32",
@@ -205,7 +206,8 @@ def check_engine_half(name: str, model_dir: Path, prompts: list[list[int]], devi
             "passed": first_tokens and worst <= LOGPROB_TOLERANCE_BF16}
 
 
-def check_server(device: torch.device, workdir: Path) -> dict:
+def check_server(name: str, model_dir: Path, prompts: list[list[int]], reference: Reference,
+                 device: torch.device) -> dict:
     """`dopd.py` with 2 workers on the device, 1 prefill + 1 decode, float32 and the torch backend: every
     request's KV is handed from one worker process to the other (CUDA IPC on a GPU, shared memory on a
     CPU), and the completions must be transformers' greedy text."""
@@ -216,16 +218,14 @@ def check_server(device: torch.device, workdir: Path) -> dict:
     from dopd.workers.loader import load_tokenizer
     from scripts.compare import launched
 
-    model_dir, prompts = engine_model("llama-gqa", workdir)
-    ref_tokens, _ = transformers_greedy(model_dir, prompts, NEW_TOKENS)
     tokenizer = load_tokenizer(model_dir)
-    expected = [tokenizer.decode(t, skip_special_tokens=True) for t in ref_tokens]
+    expected = [tokenizer.decode(t, skip_special_tokens=True) for t in reference[0]]
     argv = ["--model", str(model_dir), "--gpus", "2", "--mode", "static", "--pd-ratio", "1:1",
             "--device", device.type, "--dtype", "float32", "--engine", "torch",
             "--num-kv-blocks", str(ENGINE_KV_BLOCKS), "--log-level", "warning"]
 
     async def run() -> tuple[list[str], float]:
-        async with launched(argv, workdir / "server.log") as url, aiohttp.ClientSession() as session:
+        async with launched(argv, model_dir.parent / "server.log") as url, aiohttp.ClientSession() as session:
             async def one(ids: list[int]) -> str:
                 body = {"model": str(model_dir), "prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0,
                         "ignore_eos": True}
@@ -241,7 +241,7 @@ def check_server(device: torch.device, workdir: Path) -> dict:
 
     texts, handoffs = asyncio.run(run())
     equal = sum(t == e for t, e in zip(texts, expected))
-    return {"check": "server", "case": "llama-gqa 1P+1D", "backend": "torch", "dtype": "float32",
+    return {"check": "server", "case": f"{name} 1P+1D", "backend": "torch", "dtype": "float32",
             "against": "transformers float32", "sequences_equal": equal, "handoffs": handoffs,
             "passed": equal == len(prompts) and handoffs >= len(prompts)}
 
@@ -269,12 +269,14 @@ def run_checks(backend: str, device: torch.device, dtype: torch.dtype) -> list[d
     with tempfile.TemporaryDirectory() as tmp:
         for name in ENGINE_MODELS:
             model_dir, prompts = engine_model(name, Path(tmp))
+            reference = transformers_greedy(model_dir, prompts, NEW_TOKENS)
             _guarded(rows, {"check": "engine", "case": name, "backend": "torch", "dtype": "float32"},
-                     lambda: check_engine_float32(name, model_dir, prompts, device))
+                     lambda: check_engine_float32(name, model_dir, prompts, reference, device))
             _guarded(rows, {"check": "engine", "case": name, "backend": backend, "dtype": half},
                      lambda: check_engine_half(name, model_dir, prompts, device, half, backend))
-        _guarded(rows, {"check": "server", "case": "llama-gqa 1P+1D", "backend": "torch", "dtype": "float32"},
-                 lambda: check_server(device, Path(tmp)))
+            if name == SERVER_MODEL:
+                _guarded(rows, {"check": "server", "case": f"{name} 1P+1D", "backend": "torch", "dtype": "float32"},
+                         lambda: check_server(name, model_dir, prompts, reference, device))
     return rows
 
 
